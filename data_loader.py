@@ -1,0 +1,315 @@
+"""Dataset layout, patient ids, the one image loader, training streams and scoring loaders.
+
+Layout under --image_dir (the reference's, see README):
+    train/pos        diseased part of the unannotated mixed set M
+    train/neg_mixed  healthy part of M (the split is used only to evaluate, never to train)
+    train/neg        the known-healthy set H
+    test/pos, test/neg  optional labelled test set
+A 3D scan is stored slice by slice as `<patient id>__<slice index>.png`.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+MIXED_FOLDERS = ("train/pos", "train/neg_mixed")
+HEALTHY_FOLDER = "train/neg"
+BORDER_PAD = 5  # the reference pads 5 px before its central square crop
+
+# (folder, label) pairs each protocol scores; label 1 = "diseased" (AUCp: pseudo-label "from M").
+PROTOCOL_SETS = {
+    "inductive": (("test/neg", 0), ("test/pos", 1)),
+    "transductive": (("train/neg_mixed", 0), ("train/pos", 1)),
+    "aucp": (("train/neg", 0), ("train/pos", 1), ("train/neg_mixed", 1)),
+}
+
+
+def patient_id(path):
+    """Patient id = file name before the first `__`; a name without `__` is its own patient."""
+    name = os.path.basename(path)
+    return name.split("__", 1)[0] if "__" in name else name
+
+
+def slice_filename(pid, index):
+    return f"{pid}__{index:03d}.png"
+
+
+def save_slice_png(image01, path):
+    """Write a 2D array in [0, 1] as an 8-bit grayscale PNG, atomically (temporary file, then rename)."""
+    pixels = np.clip(np.rint(np.asarray(image01, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    Image.fromarray(pixels, mode="L").save(tmp)
+    os.replace(tmp, path)
+
+
+def read_grayscale(path):
+    """Read an 8/16-bit grayscale, RGB or palette PNG/JPG as a float32 HxW array in [0, 1]."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                pixels = np.asarray(image, dtype=np.float32)
+                return np.clip(pixels / 65535.0, 0.0, 1.0)
+            if image.mode == "F":
+                pixels = np.asarray(image, dtype=np.float32)
+                span = float(pixels.max() - pixels.min()) or 1.0
+                return (pixels - pixels.min()) / span
+            return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise UserError(
+            f"cannot read image {path} ({err}).\n"
+            f"Fix: replace or remove that file; `python main.py --mode check_data --image_dir DIR` lists every "
+            f"unreadable file at once.") from err
+
+
+def preprocess(image01, image_size):
+    """[0,1] HxW array -> (1, S, S) tensor in [-1, 1]: pad 5 px, central square crop, bilinear resize."""
+    image = torch.from_numpy(np.ascontiguousarray(image01, dtype=np.float32))[None, None]
+    image = F.pad(image, (BORDER_PAD,) * 4)
+    height, width = image.shape[-2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    image = image[..., top:top + side, left:left + side]
+    if side != image_size:
+        image = F.interpolate(image, size=(image_size, image_size), mode="bilinear",
+                              align_corners=False, antialias=side > image_size)
+    return (image[0].clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
+
+
+def load_slice(path, image_size):
+    return preprocess(read_grayscale(path), image_size)
+
+
+def is_image_file(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def list_images(folder, warn=True):
+    """Sorted image paths in a folder (sorted, so runs are repeatable); other files are skipped with one warning."""
+    names = sorted(os.listdir(folder))
+    images = [os.path.join(folder, n) for n in names if is_image_file(n)]
+    skipped = [n for n in names if not is_image_file(n) and os.path.isfile(os.path.join(folder, n))]
+    if skipped and warn:
+        print(f"warning: skipped {len(skipped)} non-image file(s) in {folder} (e.g. {skipped[0]}); "
+              f"only {', '.join(IMAGE_EXTENSIONS)} are read.", file=sys.stderr)
+    return images
+
+
+def require_images(root, folder):
+    """Image paths of root/folder, or a UserError naming the path and the fix."""
+    path = os.path.join(root, folder)
+    if not os.path.isdir(path):
+        raise UserError(f"missing folder {path}.\nFix: create it and put the {describe_folder(folder)} there "
+                        f"as PNG slices named <patient>__<slice>.png (see README, 'Data layout').")
+    images = list_images(path)
+    if not images:
+        raise UserError(f"no images in {path}.\nFix: put the {describe_folder(folder)} there as PNG/JPG slices "
+                        f"named <patient>__<slice>.png (see README, 'Data layout').")
+    return images
+
+
+def describe_folder(folder):
+    return {
+        "train/pos": "diseased slices of the unannotated mixed set",
+        "train/neg_mixed": "healthy slices of the unannotated mixed set",
+        "train/neg": "known-healthy slices",
+        "test/pos": "diseased test slices",
+        "test/neg": "healthy test slices",
+    }.get(folder, "slices to score")
+
+
+class SliceDataset(Dataset):
+    """Slices read from disk on demand; item = (image (1,S,S) in [-1,1], index into paths)."""
+
+    def __init__(self, paths, image_size):
+        self.paths = list(paths)
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return load_slice(self.paths[index], self.image_size), index
+
+
+def scoring_loader(paths, image_size, batch_size, num_workers=0, pin_memory=False):
+    """Batches in file order, no augmentation; slices are read as they are needed, never all at once."""
+    return DataLoader(SliceDataset(paths, image_size), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=False)
+
+
+def random_hflip(batch, generator):
+    flip = torch.rand(batch.shape[0], generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None].to(batch.device), batch.flip(-1), batch)
+
+
+class EndlessBatches:
+    """An endless stream of shuffled, randomly flipped training batches from one set of slices.
+
+    The mixed set M and the healthy set H each get their own stream and random generator, so the
+    (M, H) pairing is independent (the reference pairs them through one index). With preload the
+    decoded slices live in memory as float16 (exact for 8-bit PNGs, 2 bytes a pixel), which removes
+    PNG decoding from every iteration; without it a DataLoader streams them from disk.
+    """
+
+    def __init__(self, paths, image_size, batch_size, seed, preload, num_workers=0, pin_memory=False):
+        if len(paths) < batch_size:
+            raise UserError(f"only {len(paths)} training slices in {os.path.dirname(paths[0])} for a batch of "
+                            f"{batch_size}.\nFix: add slices or lower --batch_size.")
+        self.paths = list(paths)
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.images = None
+        if preload:
+            first = load_slice(self.paths[0], image_size)
+            self.images = torch.empty((len(self.paths),) + tuple(first.shape), dtype=torch.float16)
+            for i, path in enumerate(tqdm(self.paths, desc=f"loading {os.path.dirname(self.paths[0])}",
+                                          leave=False, disable=len(self.paths) < 500)):
+                self.images[i] = load_slice(path, image_size)
+        else:
+            self.loader = DataLoader(SliceDataset(self.paths, image_size), batch_size=batch_size, shuffle=True,
+                                     drop_last=True, generator=self.generator, num_workers=num_workers,
+                                     pin_memory=pin_memory, persistent_workers=num_workers > 0)
+        self._order, self._position, self._iterator = None, 0, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.images is not None:
+            if self._order is None or self._position + self.batch_size > len(self._order):
+                self._order, self._position = torch.randperm(len(self.images), generator=self.generator), 0
+            index = self._order[self._position:self._position + self.batch_size]
+            self._position += self.batch_size
+            batch = self.images[index].float()
+        else:
+            try:
+                batch, _ = next(self._iterator)
+            except (StopIteration, TypeError):
+                self._iterator = iter(self.loader)
+                batch, _ = next(self._iterator)
+        return random_hflip(batch, self.generator)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state(), "order": self._order, "position": self._position}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+        self._order, self._position = state["order"], state["position"]
+
+
+def should_preload(n_slices, image_size, choice, budget_bytes=3 * 2**30):
+    if choice == "on":
+        return True
+    if choice == "off":
+        return False
+    return n_slices * image_size * image_size * 2 <= budget_bytes
+
+
+def mixed_set_paths(root):
+    return [p for folder in MIXED_FOLDERS for p in require_images(root, folder)]
+
+
+def training_stream(paths, image_size, batch_size, seed, preload="auto", num_workers=0, pin_memory=False):
+    """An endless batch stream over `paths`: the mixed set M and the healthy set H each get their own."""
+    use_memory = should_preload(len(paths), image_size, preload)
+    return EndlessBatches(paths, image_size, batch_size, seed, use_memory, num_workers, pin_memory)
+
+
+def protocol_slices(root, protocol):
+    """(paths, labels) of every slice a protocol scores, in folder then file order."""
+    paths, labels = [], []
+    for folder, label in PROTOCOL_SETS[protocol]:
+        images = require_images(root, folder)
+        paths += images
+        labels += [label] * len(images)
+    return paths, labels
+
+
+def list_images_recursive(folder):
+    """Every image below a folder (score mode), sorted."""
+    if not os.path.isdir(folder):
+        raise UserError(f"missing folder {folder}.\nFix: pass the folder of PNG/JPG slices to score as --image_dir.")
+    paths = sorted(os.path.join(d, n) for d, _, names in os.walk(folder) for n in names if is_image_file(n))
+    if not paths:
+        raise UserError(f"no images in {folder} or below it.\nFix: put the slices to score there as PNG/JPG files "
+                        f"named <patient>__<slice>.png.")
+    return paths
+
+
+def open_image(path, full):
+    """(size, None) if the image opens (full: decodes) cleanly, else (None, the reason)."""
+    try:
+        with Image.open(path) as image:
+            if full:
+                image.load()
+            return (image.size, None) if min(image.size) > 0 else (None, "empty image")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        return None, str(err)
+
+
+def check_dataset(root, batch_size, full=False):
+    """Validate the layout before any work starts; every problem found is reported in one UserError.
+
+    Required: train/pos, train/neg_mixed, train/neg with images (the test folders are optional).
+    Errors: missing or empty required folders, unreadable images, too few slices for a batch, a patient id
+    in two folders. Reported only: non-image files (skipped), mixed image sizes (all are resized anyway).
+    full=True decodes every image (check_data mode); otherwise only the headers are read.
+    """
+    if not os.path.isdir(root):
+        raise UserError(f"missing data folder {root}.\nFix: pass --image_dir (train.sh NAME reads data/NAME); "
+                        f"the layout is in README, 'Data layout'.")
+    problems, folders_of_patient, sizes, summary = [], {}, {}, []
+    for folder in ("train/pos", "train/neg_mixed", "train/neg", "test/pos", "test/neg"):
+        path = os.path.join(root, folder)
+        required = folder.startswith("train/")
+        if not os.path.isdir(path):
+            if required:
+                problems.append(f"missing folder {path}: put the {describe_folder(folder)} there.")
+            continue
+        images = list_images(path)
+        if not images and required:
+            problems.append(f"no images in {path}: put the {describe_folder(folder)} there (PNG/JPG).")
+        for image_path in tqdm(images, desc=f"checking {folder}", leave=False, disable=len(images) < 2000):
+            size, reason = open_image(image_path, full)
+            if reason:
+                problems.append(f"unreadable image {image_path} ({reason}): replace or remove it.")
+            else:
+                sizes.setdefault(size, image_path)
+            folders_of_patient.setdefault(patient_id(image_path), set()).add(folder)
+        summary.append((folder, len(images), len({patient_id(p) for p in images})))
+    for folder, count, _ in summary:
+        if folder == "train/neg" and 0 < count < batch_size:
+            problems.append(f"only {count} slices in {os.path.join(root, folder)} for a batch of {batch_size}: "
+                            f"add slices or lower --batch_size.")
+    mixed_count = sum(count for folder, count, _ in summary if folder in MIXED_FOLDERS)
+    if 0 < mixed_count < batch_size:
+        problems.append(f"only {mixed_count} slices in the mixed set ({root}/train/pos + train/neg_mixed) for a "
+                        f"batch of {batch_size}: add slices or lower --batch_size.")
+    shared = {pid: sorted(f) for pid, f in folders_of_patient.items() if len(f) > 1}
+    for pid, folders in list(shared.items())[:10]:
+        problems.append(f"patient id {pid!r} has slices in {' and '.join(os.path.join(root, f) for f in folders)}: "
+                        f"a patient belongs to one folder; move or rename its slices.")
+    if len(shared) > 10:
+        problems.append(f"... and {len(shared) - 10} more patient ids found in two folders.")
+    if len(sizes) > 1:
+        examples = ", ".join(f"{w}x{h} (e.g. {p})" for (w, h), p in list(sizes.items())[:3])
+        print(f"note: {len(sizes)} different image sizes in {root}: {examples}; all are padded, cropped to a "
+              f"square and resized to --image_size.", file=sys.stderr)
+    if full:
+        print(f"{'folder':<16} {'slices':>8} {'patients':>9}")
+        for folder, count, patients in summary:
+            print(f"{folder:<16} {count:>8} {patients:>9}")
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems))
+    if full:
+        print(f"{root}: no problems found.")

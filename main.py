@@ -1,0 +1,169 @@
+"""Brainomaly-Diff command line: every flag lives here; --mode hands the config to the Solver."""
+import argparse
+import sys
+
+from errors import EXIT_USER_ERROR, UserError
+
+MODE_ALIASES = {"testAUCInductive": "test_inductive", "testAUCTransductive": "test_transductive",
+                "testAUCp": "test_aucp"}
+MODES = ("train", "train_refiner", "test_inductive", "test_transductive", "test_aucp", "score", "check_data")
+
+# Flags that define the networks: a checkpoint's values win, and an explicit conflicting flag is refused.
+ARCHITECTURE_FLAGS = ("image_size", "in_channels", "g_conv_dim", "g_repeat_num", "d_conv_dim", "d_repeat_num")
+REFINER_ARCHITECTURE_FLAGS = ("refiner_dim", "refiner_dim_mults", "refiner_blocks", "refiner_attn_levels",
+                              "refiner_heads", "diffusion_steps")
+
+
+def str2bool(value):
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def int_list(value):
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {value!r}")
+
+
+def iteration_or_keyword(*keywords):
+    def parse(value):
+        if value in keywords:
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an iteration number or one of {keywords}, got {value!r}")
+    return parse
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Brainomaly-Diff: GAN healthy reconstruction + residual diffusion refinement for "
+                    "unsupervised brain anomaly detection.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    m = p.add_argument_group("model (stage 1: Brainomaly GAN)")
+    m.add_argument("--image_size", type=int, default=192, help="slices are resized to image_size x image_size")
+    m.add_argument("--in_channels", type=int, default=1, help="input channels (the reference copies grayscale to 3)")
+    m.add_argument("--g_conv_dim", type=int, default=64, help="generator width of the first layer")
+    m.add_argument("--d_conv_dim", type=int, default=64, help="critic width of the first layer")
+    m.add_argument("--g_repeat_num", type=int, default=6, help="residual blocks in the generator")
+    m.add_argument("--d_repeat_num", type=int, default=6, help="strided convolutions in the critic")
+    m.add_argument("--lambda_gp", type=float, default=10.0, help="weight of the WGAN-GP gradient penalty")
+    m.add_argument("--lambda_id", type=float, default=1.0, help="weight of the identity L1 loss on healthy slices")
+
+    t = p.add_argument_group("training (stage 1)")
+    t.add_argument("--dataset", type=str, default="MedicalData", help="dataset name (kept for the reference)")
+    t.add_argument("--batch_size", type=int, default=16, help="mixed and healthy slices per batch (each)")
+    t.add_argument("--num_iters", type=int, default=150000, help="critic iterations of stage 1")
+    t.add_argument("--num_iters_decay", type=int, default=100000, help="last iterations over which lr decays to 0")
+    t.add_argument("--lr_decay", type=str2bool, default=False, help="linear learning-rate decay (the reference's was a no-op)")
+    t.add_argument("--g_lr", type=float, default=1e-4, help="generator learning rate")
+    t.add_argument("--d_lr", type=float, default=1e-4, help="critic learning rate")
+    t.add_argument("--n_critic", type=int, default=2, help="critic updates per generator update")
+    t.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
+    t.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
+    t.add_argument("--resume_iters", type=iteration_or_keyword("latest"), default=None,
+                   help="resume training from this checkpoint iteration, or 'latest'")
+    t.add_argument("--preload", choices=("auto", "on", "off"), default="auto",
+                   help="hold decoded training slices in memory (auto: when they fit in 3 GiB)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (a CPU run is repeatable)")
+
+    r = p.add_argument_group("refiner (stage 2: residual diffusion)")
+    r.add_argument("--refiner", choices=("auto", "on", "off"), default="auto",
+                   help="scoring with the refined (on), coarse (off) reconstruction; auto = refined when "
+                        "<ITER>-R.ckpt exists")
+    r.add_argument("--refiner_iters", type=int, default=30000, help="stage-2 training iterations; 0 skips stage 2")
+    r.add_argument("--refine_from", type=iteration_or_keyword("aucp"), default="aucp",
+                   help="stage-1 checkpoint the refiner refines: an iteration, or 'aucp' to pick it by AUCp")
+    r.add_argument("--refiner_batch_size", type=int, default=16, help="known-healthy slices per refiner batch")
+    r.add_argument("--refiner_lr", type=float, default=2e-4, help="refiner Adam learning rate")
+    r.add_argument("--refiner_ema", type=float, default=0.999, help="EMA decay of the refiner weights used to score")
+    r.add_argument("--refiner_dim", type=int, default=64, help="refiner UNet base width")
+    r.add_argument("--refiner_dim_mults", type=int_list, default=[1, 2, 4, 8], help="UNet width multipliers per level")
+    r.add_argument("--refiner_blocks", type=int, default=1, help="residual blocks per UNet level")
+    r.add_argument("--refiner_attn_levels", type=int, default=2, help="self-attention at this many lowest resolutions")
+    r.add_argument("--refiner_heads", type=int, default=4, help="attention heads")
+    r.add_argument("--diffusion_steps", type=int, default=1000, help="training timesteps T (cosine schedule)")
+    r.add_argument("--ddim_steps", type=int, default=10, help="deterministic DDIM steps at scoring")
+
+    e = p.add_argument_group("testing and scoring")
+    e.add_argument("--test_iters", type=iteration_or_keyword("all", "latest"), default=150000,
+                   help="checkpoint to score; 'all' scores every saved checkpoint")
+    e.add_argument("--score_batch_size", type=int, default=16, help="slices per scoring batch")
+    e.add_argument("--rho", type=float, default=None, help="healthy share of the mixed set: turns AUCp into an AUC estimate")
+    e.add_argument("--save_maps", type=int, default=0, help="write anomaly-map panels for the first K slices of each class")
+    e.add_argument("--flag_percentile", type=float, default=95.0,
+                   help="score mode: flag patients above this percentile of known-healthy patient scores")
+    e.add_argument("--output", type=str, default=None, help="score mode: CSV to write (default under the run folder)")
+
+    d = p.add_argument_group("paths and devices")
+    d.add_argument("--mode", type=str, default="train", choices=MODES + tuple(MODE_ALIASES),
+                   help="what to run; the reference's testAUC* names are aliases")
+    d.add_argument("--image_dir", type=str, default="data/MedicalData", help="dataset root (see README, 'Data layout')")
+    d.add_argument("--run_dir", type=str, default="runs/MedicalData", help="one folder per run: models, samples, logs, results")
+    d.add_argument("--log_dir", type=str, default=None, help="TensorBoard logs (default RUN_DIR/logs)")
+    d.add_argument("--model_save_dir", type=str, default=None, help="checkpoints (default RUN_DIR/models)")
+    d.add_argument("--sample_dir", type=str, default=None, help="sample grids (default RUN_DIR/samples)")
+    d.add_argument("--result_dir", type=str, default=None, help="protocol results (default RUN_DIR/results)")
+    d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto picks CUDA when present")
+    d.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")
+    d.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="bfloat16 autocast (auto: on for CUDA)")
+    d.add_argument("--channels_last", type=str2bool, default=False, help="channels_last memory format for convolutions")
+    d.add_argument("--compile", type=str2bool, default=False, help="torch.compile the networks")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log_step", type=int, default=10, help="iterations between loss logs")
+    g.add_argument("--sample_step", type=int, default=1000, help="iterations between sample grids")
+    g.add_argument("--model_save_step", type=int, default=10000, help="iterations between checkpoints")
+    g.add_argument("--lr_update_step", type=int, default=1000, help="iterations between learning-rate updates")
+    g.add_argument("--use_tensorboard", type=str2bool, default=True, help="write TensorBoard event files")
+    g.add_argument("--use_neptune", type=str2bool, default=False,
+                   help="also log to neptune.ai (needs NEPTUNE_PROJECT and NEPTUNE_API_TOKEN)")
+    g.add_argument("--neptune_id", type=str, default=None, help="neptune run to attach test metrics to")
+    g.add_argument("--neptune_key", type=str, default=None, help="prefix of test metrics in neptune")
+    return p
+
+
+def explicit_flags(parser, argv):
+    """Names of the flags the user actually typed (so a checkpoint's saved value can win over a default)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            probe.add_argument(*action.option_strings, dest=action.dest, type=action.type,
+                               default=argparse.SUPPRESS, nargs=action.nargs)
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def parse_config(argv=None):
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    config = parser.parse_args(argv)
+    config.mode = MODE_ALIASES.get(config.mode, config.mode)
+    config.explicit_flags = sorted(explicit_flags(parser, argv))
+    for key, folder in (("log_dir", "logs"), ("model_save_dir", "models"), ("sample_dir", "samples"),
+                        ("result_dir", "results")):
+        if getattr(config, key) is None:
+            setattr(config, key, f"{config.run_dir}/{folder}")
+    return config
+
+
+def main(argv=None):
+    config = parse_config(argv)
+    try:
+        from solver import Solver
+        Solver(config).run()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Stage 1 networks (Brainomaly, after StarGAN): the generator of the additive map and the PatchGAN critic."""
+import torch
+import torch.nn as nn
+
+
+def instance_norm(channels):
+    # No running statistics: inference uses per-instance statistics, as the reference does by never calling
+    # eval(), and eval() then changes nothing.
+    return nn.InstanceNorm2d(channels, affine=True, track_running_stats=False)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), instance_norm(channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), instance_norm(channels))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class Generator(nn.Module):
+    """Encoder (2 downsamplings), residual blocks, decoder; outputs an unbounded one-channel additive map."""
+
+    def __init__(self, in_channels=1, conv_dim=64, repeat_num=6):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, conv_dim, 7, 1, 3, bias=False), instance_norm(conv_dim), nn.ReLU(inplace=True)]
+        width = conv_dim
+        for _ in range(2):
+            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False), instance_norm(width * 2), nn.ReLU(inplace=True)]
+            width *= 2
+        layers += [ResidualBlock(width) for _ in range(repeat_num)]
+        for _ in range(2):
+            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), instance_norm(width // 2),
+                       nn.ReLU(inplace=True)]
+            width //= 2
+        layers.append(nn.Conv2d(width, 1, 7, 1, 3, bias=False))
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, x):
+        assert x.shape[-1] % 4 == 0 and x.shape[-2] % 4 == 0, "image height and width must be divisible by 4"
+        return self.main(x)
+
+
+def healthy_reconstruction(x, anomaly_map):
+    """Brainomaly's output head: tanh(x + map). The map broadcasts over input channels."""
+    return torch.tanh(x + anomaly_map)
+
+
+class Discriminator(nn.Module):
+    """PatchGAN critic for WGAN-GP: strided 4x4 convs with LeakyReLU(0.01), no normalisation, 3x3 patch head."""
+
+    def __init__(self, in_channels=1, conv_dim=64, repeat_num=6):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, conv_dim, 4, 2, 1), nn.LeakyReLU(0.01)]
+        width = conv_dim
+        for _ in range(1, repeat_num):
+            layers += [nn.Conv2d(width, width * 2, 4, 2, 1), nn.LeakyReLU(0.01)]
+            width *= 2
+        self.main = nn.Sequential(*layers)
+        self.patch_head = nn.Conv2d(width, 1, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        return self.patch_head(self.main(x))
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Train on data/NAME: stage 1 (Brainomaly GAN), then stage 2 (residual diffusion refiner) on the stage-1
+# checkpoint that AUCp picks without labels. Extra flags go to main.py, e.g.
+#   bash train.sh MedicalData --image_size 64 --num_iters 500 --model_save_step 100
+# Outputs: runs/NAME/{models,samples,logs,results}.  --refiner_iters 0 skips stage 2.
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: bash train.sh NAME [main.py flags]   (trains on data/NAME)" >&2
+  exit 2
+fi
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+name=$1
+shift
+"$PYTHON" "$repo_root/main.py" --mode train --image_dir "data/$name" --run_dir "runs/$name" "$@"
+"$PYTHON" "$repo_root/main.py" --mode train_refiner --image_dir "data/$name" --run_dir "runs/$name" "$@"
