@@ -1,0 +1,80 @@
+"""Patient ids, what each protocol scores, and the whole stage-1 pipeline through the shell scripts."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY_FLAGS, TOY_LAYOUT, SLICES_PER_PATIENT
+from data_loader import patient_id, protocol_slices
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_patient_id_is_the_name_before_double_underscore():
+    assert patient_id("/d/train/pos/pat_001__007.png") == "pat_001"
+    assert patient_id("a__b__003.png") == "a"
+    assert patient_id("/d/scan_42.png") == "scan_42.png"  # no `__`: its own patient
+
+
+def labels_by_patient(root, protocol):
+    paths, labels = protocol_slices(root, protocol)
+    return {patient_id(p): label for p, label in zip(paths, labels)}
+
+
+def test_each_protocol_scores_its_own_sets_with_its_labels(toy_dataset):
+    inductive = labels_by_patient(toy_dataset, "inductive")
+    assert inductive == {**{f"tpos{i}": 1 for i in range(3)}, **{f"tneg{i}": 0 for i in range(3)}}
+    transductive = labels_by_patient(toy_dataset, "transductive")
+    assert transductive == {**{f"mpos{i}": 1 for i in range(4)}, **{f"mneg{i}": 0 for i in range(4)}}
+    # AUCp: known-healthy = 0, the WHOLE mixed set = 1 (its healthy part included): no disease label used.
+    aucp = labels_by_patient(toy_dataset, "aucp")
+    assert aucp == {**{f"hea{i}": 0 for i in range(6)}, **{f"mpos{i}": 1 for i in range(4)},
+                    **{f"mneg{i}": 1 for i in range(4)}}
+
+
+def run(command, cwd, **kwargs):
+    env = {**os.environ, "PYTHONPATH": REPO, "BRAINOMALY_PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_shell_scripts_train_and_run_the_three_protocols(toy_dataset, tmp_path):
+    work = str(tmp_path)  # train.sh NAME reads data/NAME and writes runs/NAME relative to the current folder
+    train = run(["bash", f"{REPO}/train.sh", "Toy", *TINY_FLAGS, "--num_iters", "6", "--model_save_step", "3",
+                 "--sample_step", "3", "--refiner_iters", "0"], work)
+    assert train.returncode == 0, train.stderr[-2000:]
+    models = os.path.join(work, "runs/Toy/models")
+    assert {"3-G.ckpt", "3-D.ckpt", "3-state.ckpt", "6-G.ckpt", "6-D.ckpt", "config.json"} <= set(os.listdir(models))
+    assert os.path.isfile(os.path.join(work, "runs/Toy/samples/6-images.png"))
+
+    expected = {"inductive": (3 + 3, "tpos", "tneg"), "transductive": (4 + 4, "mpos", "mneg"),
+                "aucp": (6 + 8, "m", "hea")}
+    for protocol, (n_patients, positive_prefix, negative_prefix) in expected.items():
+        # Only the iteration: image size and widths come from the checkpoint's saved config.
+        result = run(["bash", f"{REPO}/test_{protocol}.sh", "Toy", "6", "--num_workers", "0"], work)
+        assert result.returncode == 0, result.stderr[-2000:]
+        out = os.path.join(work, "runs/Toy/results/6/coarse")
+        summary = json.load(open(os.path.join(out, f"{protocol}.json")))
+        assert summary["n_patients"] == n_patients and summary["n_slices"] == n_patients * SLICES_PER_PATIENT
+        assert 0.0 <= summary["auc"] <= 1.0 and summary["checkpoint"] == 6
+        rows = read_csv(os.path.join(out, f"{protocol}.csv"))
+        assert list(rows[0]) == ["pid", "label", "n_slices", "score", "prediction"]
+        for row in rows:
+            assert row["label"] == ("1" if row["pid"].startswith(positive_prefix) else "0")
+            assert row["pid"].startswith((positive_prefix, negative_prefix))
+        for plot in (f"{protocol}_roc.png", f"{protocol}_scores.png"):
+            assert os.path.getsize(os.path.join(out, plot)) > 1000
+
+    selection = run(["bash", f"{REPO}/test_aucp.sh", "Toy", "all", "--num_workers", "0"], work)
+    assert selection.returncode == 0, selection.stderr[-2000:]
+    table = json.load(open(os.path.join(work, "runs/Toy/results/aucp_selection.json")))
+    assert [row["iteration"] for row in table["table"]] == [3, 6]
+    best = max(table["table"], key=lambda row: row["auc"])["iteration"]
+    assert table["best_iteration"] == best and f"Best checkpoint by AUCp" in selection.stdout
