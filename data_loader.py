@@ -46,8 +46,9 @@ def save_slice_png(image01, path):
     """Write a 2D array in [0, 1] as an 8-bit grayscale PNG, atomically (temporary file, then rename)."""
     pixels = np.clip(np.rint(np.asarray(image01, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(pixels, mode="L").save(tmp)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")  # hidden: never listed as a slice
+    Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
     os.replace(tmp, path)
 
 

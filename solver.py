@@ -213,6 +213,44 @@ class Solver:
         print(f"Resumed stage 1 from iteration {iteration} in {model_dir}.")
         return iteration
 
+    def train_step(self, generator, critic, g_optimizer, d_optimizer, x_mixed, x_healthy, alpha, update_generator):
+        """One stage-1 iteration: a critic update, and a generator update when update_generator. Returns losses."""
+        c = self.config
+        batch = x_mixed.shape[0]
+        # =================== Train the critic =================== #
+        with self.autocast():
+            if update_generator:
+                # One generator pass for both halves; its graph serves the generator step below, since the
+                # critic step does not change G (the reference runs G on x_M twice).
+                maps = generator(torch.cat([x_mixed, x_healthy]))
+                map_mixed, map_healthy = maps.split(batch)
+                fake = healthy_reconstruction(x_mixed, map_mixed)
+            else:
+                with torch.no_grad():  # the reference builds a graph here that it never uses
+                    fake = healthy_reconstruction(x_mixed, generator(x_mixed))
+            d_loss_real = -critic(x_healthy).mean()
+            d_loss_fake = critic(fake.detach()).mean()
+            d_loss_gp = gradient_penalty(critic, x_healthy, fake, alpha)
+            d_loss = d_loss_real + d_loss_fake + c.lambda_gp * d_loss_gp
+        d_optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        d_optimizer.step()
+        losses = {"D/loss_real": d_loss_real, "D/loss_fake": d_loss_fake, "D/loss_gp": d_loss_gp, "D/loss": d_loss}
+
+        # =================== Train the generator =================== #
+        if update_generator:
+            critic.requires_grad_(False)  # no critic weight gradients needed here
+            with self.autocast():
+                g_loss_fake = -critic(fake).mean()
+                g_loss_id = (healthy_reconstruction(x_healthy, map_healthy) - x_healthy).abs().mean()
+                g_loss = g_loss_fake + c.lambda_id * g_loss_id
+            g_optimizer.zero_grad(set_to_none=True)
+            g_loss.backward()
+            g_optimizer.step()
+            critic.requires_grad_(True)
+            losses.update({"G/loss_fake": g_loss_fake, "G/loss_id": g_loss_id, "G/loss": g_loss})
+        return losses
+
     def train(self):
         """Stage 1: WGAN-GP with real = known-healthy H, fake = tanh(x_M + G(x_M)), plus identity L1 on H."""
         c = self.config
@@ -241,7 +279,6 @@ class Solver:
                                       for paths in (mixed.paths, healthy.paths))
         train_generator, train_critic = self.compiled(generator), self.compiled(critic)
         logger = TrainingLogger(c, "stage1")
-        batch = c.batch_size
         losses = {}
         progress = tqdm(range(start, c.num_iters), initial=start, total=c.num_iters, desc="stage 1", unit="it")
         for i in progress:
@@ -249,41 +286,10 @@ class Solver:
             x_mixed = next(mixed).to(self.device, non_blocking=True)
             x_healthy = next(healthy).to(self.device, non_blocking=True)
             update_generator = (i + 1) % c.n_critic == 0
-
-            # =================== Train the critic =================== #
-            with self.autocast():
-                if update_generator:
-                    # One generator pass for both halves; its graph serves the generator step below, since the
-                    # critic step does not change G (the reference runs G on x_M twice).
-                    maps = train_generator(torch.cat([x_mixed, x_healthy]))
-                    map_mixed, map_healthy = maps.split(batch)
-                    fake = healthy_reconstruction(x_mixed, map_mixed)
-                else:
-                    with torch.no_grad():
-                        fake = healthy_reconstruction(x_mixed, train_generator(x_mixed))
-                d_loss_real = -train_critic(x_healthy).mean()
-                d_loss_fake = train_critic(fake.detach()).mean()
-                alpha = torch.rand(batch, 1, 1, 1, generator=noise_generator).to(self.device)
-                d_loss_gp = gradient_penalty(train_critic, x_healthy, fake, alpha)
-                d_loss = d_loss_real + d_loss_fake + c.lambda_gp * d_loss_gp
-            d_optimizer.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_optimizer.step()
-            losses.update({"D/loss_real": d_loss_real, "D/loss_fake": d_loss_fake, "D/loss_gp": d_loss_gp})
-
-            # =================== Train the generator =================== #
-            if update_generator:
-                critic.requires_grad_(False)  # no critic weight gradients needed here
-                with self.autocast():
-                    g_loss_fake = -train_critic(fake).mean()
-                    g_loss_id = (healthy_reconstruction(x_healthy, map_healthy) - x_healthy).abs().mean()
-                    g_loss = g_loss_fake + c.lambda_id * g_loss_id
-                g_optimizer.zero_grad(set_to_none=True)
-                g_loss.backward()
-                g_optimizer.step()
-                critic.requires_grad_(True)
-                losses.update({"G/loss_fake": g_loss_fake, "G/loss_id": g_loss_id})
-
+            alpha = torch.rand(c.batch_size, 1, 1, 1, generator=noise_generator).to(self.device)
+            losses.update(self.train_step(train_generator, train_critic, g_optimizer, d_optimizer,
+                                          x_mixed, x_healthy, alpha, update_generator))
+            d_loss, g_loss = losses["D/loss"], losses.get("G/loss")
             if not torch.isfinite(d_loss) or (update_generator and not torch.isfinite(g_loss)):
                 last = ckpt.saved_iterations(c.model_save_dir, "G")
                 raise UserError(f"non-finite loss at iteration {i + 1} (D {d_loss.item():.4g}"
@@ -292,7 +298,7 @@ class Solver:
                                 f"Fix: lower --g_lr/--d_lr or raise --lambda_gp, then --resume_iters latest.")
             step = i + 1
             if step % c.log_step == 0 or step == c.num_iters:
-                logger.log({k: v.item() for k, v in losses.items()}, step, progress)
+                logger.log({k: v.item() for k, v in losses.items() if not k.endswith("/loss")}, step, progress)
             if step % c.sample_step == 0 or step == c.num_iters:
                 self.save_samples(generator, fixed_mixed, fixed_healthy, step)
             if step % c.model_save_step == 0 or step == c.num_iters:
@@ -390,6 +396,14 @@ class Solver:
         print(f"Stage 2 done: {r_path} refines {self.model_path(iteration, 'G')}.")
 
     # ------------------------------------------------------------------ scoring (one path for every protocol)
+    def reconstruct(self, x, generator, diffusion=None, noise=None):
+        """(coarse x_c = tanh(x + G(x)), refined x_r or None); noise = the refiner's DDIM start noise."""
+        with self.autocast():
+            coarse = healthy_reconstruction(x, generator(x)).float()
+            if diffusion is None:
+                return coarse, None
+            return coarse, diffusion.refine(coarse, self.config.ddim_steps, noise=noise.to(x.device)).float()
+
     @torch.inference_mode()
     def score_slices(self, paths, generator, diffusion, labels=None, maps_dir=None, pixel_metrics=None,
                      label_names=("healthy", "diseased")):
@@ -405,14 +419,9 @@ class Solver:
         loader = data_loader.scoring_loader(paths, c.image_size, c.score_batch_size, **self.loader_options)
         for x, index in tqdm(loader, desc="scoring", unit="batch", leave=False):
             x = x.to(self.device, non_blocking=True)
-            with self.autocast():
-                coarse = healthy_reconstruction(x, generator(x)).float()
-            reconstruction, refined = coarse, None
-            if diffusion is not None:
-                noise = slice_noise([paths[i] for i in index], x.shape[1:], c.seed).to(self.device)
-                with self.autocast():
-                    refined = diffusion.refine(coarse, c.ddim_steps, noise=noise).float()
-                reconstruction = refined
+            noise = None if diffusion is None else slice_noise([paths[i] for i in index], x.shape[1:], c.seed)
+            coarse, refined = self.reconstruct(x, generator, diffusion, noise)
+            reconstruction = coarse if refined is None else refined
             anomaly_map = (x - reconstruction).abs().mean(dim=1) / 2
             scores[index.numpy()] = anomaly_map.mean(dim=(1, 2)).cpu().double().numpy()
             for row, i in enumerate(index.tolist()):
