@@ -55,6 +55,9 @@ def build_parser():
     m.add_argument("--d_conv_dim", type=int, default=64, help="critic width of the first layer")
     m.add_argument("--g_repeat_num", type=int, default=6, help="residual blocks in the generator")
     m.add_argument("--d_repeat_num", type=int, default=6, help="strided convolutions in the critic")
+    m.add_argument("--map_init", choices=("zero", "default"), default="zero",
+                   help="zero: the map starts at 0 (x_c = tanh(x), near identity); default: PyTorch's random init "
+                        "as in the reference")
     m.add_argument("--lambda_gp", type=float, default=10.0, help="weight of the WGAN-GP gradient penalty")
     m.add_argument("--lambda_id", type=float, default=1.0, help="weight of the identity L1 loss on healthy slices")
 

@@ -100,7 +100,7 @@ class Solver:
     # ------------------------------------------------------------------ networks and checkpoints
     def build_stage1(self):
         c = self.config
-        generator = self.prepare(Generator(c.in_channels, c.g_conv_dim, c.g_repeat_num))
+        generator = self.prepare(Generator(c.in_channels, c.g_conv_dim, c.g_repeat_num, c.map_init == "zero"))
         critic = self.prepare(Discriminator(c.in_channels, c.d_conv_dim, c.d_repeat_num))
         return generator, critic
 
@@ -216,15 +216,12 @@ class Solver:
     def train_step(self, generator, critic, g_optimizer, d_optimizer, x_mixed, x_healthy, alpha, update_generator):
         """One stage-1 iteration: a critic update, and a generator update when update_generator. Returns losses."""
         c = self.config
-        batch = x_mixed.shape[0]
         # =================== Train the critic =================== #
         with self.autocast():
             if update_generator:
-                # One generator pass for both halves; its graph serves the generator step below, since the
-                # critic step does not change G (the reference runs G on x_M twice).
-                maps = generator(torch.cat([x_mixed, x_healthy]))
-                map_mixed, map_healthy = maps.split(batch)
-                fake = healthy_reconstruction(x_mixed, map_mixed)
+                # This pass's graph also serves the generator step below (the critic step does not change G;
+                # the reference runs G on x_M a second time there).
+                fake = healthy_reconstruction(x_mixed, generator(x_mixed))
             else:
                 with torch.no_grad():  # the reference builds a graph here that it never uses
                     fake = healthy_reconstruction(x_mixed, generator(x_mixed))
@@ -240,15 +237,19 @@ class Solver:
         # =================== Train the generator =================== #
         if update_generator:
             critic.requires_grad_(False)  # no critic weight gradients needed here
+            g_optimizer.zero_grad(set_to_none=True)
+            # L_G = adversarial + lambda_id * identity is a sum: back-propagate the mixed half first, so its
+            # graph is freed before the healthy half's is built (half the activation memory, same gradients).
             with self.autocast():
                 g_loss_fake = -critic(fake).mean()
-                g_loss_id = (healthy_reconstruction(x_healthy, map_healthy) - x_healthy).abs().mean()
-                g_loss = g_loss_fake + c.lambda_id * g_loss_id
-            g_optimizer.zero_grad(set_to_none=True)
-            g_loss.backward()
+            g_loss_fake.backward()
+            with self.autocast():
+                g_loss_id = (healthy_reconstruction(x_healthy, generator(x_healthy)) - x_healthy).abs().mean()
+            (c.lambda_id * g_loss_id).backward()
             g_optimizer.step()
             critic.requires_grad_(True)
-            losses.update({"G/loss_fake": g_loss_fake, "G/loss_id": g_loss_id, "G/loss": g_loss})
+            losses.update({"G/loss_fake": g_loss_fake, "G/loss_id": g_loss_id,
+                           "G/loss": g_loss_fake.detach() + c.lambda_id * g_loss_id.detach()})
         return losses
 
     def train(self):
@@ -277,7 +278,8 @@ class Solver:
         write_json(self.saved_config(), os.path.join(c.model_save_dir, "config.json"))
         fixed_mixed, fixed_healthy = (torch.stack([data_loader.load_slice(p, c.image_size) for p in paths[:8]])
                                       for paths in (mixed.paths, healthy.paths))
-        train_generator, train_critic = self.compiled(generator), self.compiled(critic)
+        # The critic stays eager: torch.compile cannot differentiate twice, which the gradient penalty needs.
+        train_generator, train_critic = self.compiled(generator), critic
         logger = TrainingLogger(c, "stage1")
         losses = {}
         progress = tqdm(range(start, c.num_iters), initial=start, total=c.num_iters, desc="stage 1", unit="it")

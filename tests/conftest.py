@@ -11,7 +11,7 @@ from data_loader import save_slice_png, slice_filename  # noqa: E402
 # Tiny networks so a whole train/test cycle takes seconds on a 2-core CPU.
 TINY_FLAGS = ["--image_size", "32", "--g_conv_dim", "8", "--d_conv_dim", "8", "--g_repeat_num", "1",
               "--d_repeat_num", "3", "--batch_size", "4", "--num_workers", "0", "--use_tensorboard", "false",
-              "--refiner_dim", "8", "--refiner_dim_mults", "1,2", "--refiner_heads", "2",
+              "--refiner_dim", "8", "--refiner_dim_mults", "1,2", "--refiner_attn_levels", "1", "--refiner_heads", "2",
               "--refiner_batch_size", "4", "--score_batch_size", "8", "--ddim_steps", "2"]
 
 # folder -> (patient prefix, number of patients, diseased?)

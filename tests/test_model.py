@@ -33,7 +33,7 @@ def test_healthy_reconstruction_is_tanh_of_input_plus_map():
 
 def test_eval_mode_does_not_change_the_generator():
     # InstanceNorm without running statistics: inference uses per-instance statistics in both modes.
-    generator = Generator(1, 8, 1)
+    generator = Generator(1, 8, 1, zero_map=False)
     x = torch.randn(2, 1, 16, 16)
     train_out = generator.train()(x)
     assert torch.allclose(generator.eval()(x), train_out)
@@ -56,3 +56,10 @@ def test_gradient_penalty_is_differentiable_for_the_critic():
     penalty = gradient_penalty(critic, torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), torch.rand(2, 1, 1, 1))
     penalty.backward()
     assert critic[0].weight.grad is not None and critic[0].weight.grad.abs().sum() > 0
+
+
+def test_zero_map_init_starts_from_tanh_of_the_input():
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    generator = Generator(1, 8, 1)  # default: zero map
+    assert torch.equal(healthy_reconstruction(x, generator(x)), torch.tanh(x))
+    assert generator(x).abs().sum() == 0 and Generator(1, 8, 1, zero_map=False)(x).abs().sum() > 0

@@ -1,0 +1,77 @@
+"""Summarise a finished run: the three protocols with the refiner on and off beside the baseline, and the
+learning curve (AUCp and inductive AUC against iterations).
+
+Usage: python report.py --image_dir data/Demo --run_dir runs/Demo --iteration ITER [--seconds S]
+"""
+import argparse
+import json
+import os
+
+import visualize
+from data_loader import PROTOCOL_SETS
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def summary_rows(image_dir, run_dir, iteration):
+    """(name, {protocol: value or None}) rows: refined, coarse and the CSF baseline."""
+    rows = []
+    for reconstruction in ("refined", "coarse"):
+        results = {p: read_json(os.path.join(run_dir, "results", str(iteration), reconstruction, f"{p}.json"))
+                   for p in PROTOCOL_SETS}
+        if any(results.values()):
+            rows.append((f"Brainomaly-Diff, {reconstruction} (ckpt {iteration})",
+                         {p: r["auc"] if r else None for p, r in results.items()}))
+    baseline = read_json(os.path.join(image_dir, "baseline.json"))
+    if baseline:
+        rows.append(("baseline: CSF fraction", {p: baseline.get(p) for p in PROTOCOL_SETS}))
+    return rows
+
+
+def print_table(rows):
+    print(f"\n{'patient-level ROC AUC':<40} {'inductive':>10} {'transductive':>13} {'AUCp':>7}")
+    for name, values in rows:
+        cells = [f"{values[p]:.3f}" if values.get(p) is not None else "n/a" for p in PROTOCOL_SETS]
+        print(f"{name:<40} {cells[0]:>10} {cells[1]:>13} {cells[2]:>7}")
+
+
+def learning_curve(run_dir):
+    """Plot AUCp (label-free) and inductive AUC of every stage-1 checkpoint, when both tables exist."""
+    aucp = read_json(os.path.join(run_dir, "results", "aucp_selection.json"))
+    inductive = read_json(os.path.join(run_dir, "results", "inductive_by_iteration.json"))
+    if not aucp or not inductive:
+        return None
+    by_iteration = {row["iteration"]: row["auc"] for row in inductive["table"] if row["reconstruction"] == "coarse"}
+    iterations = [row["iteration"] for row in aucp["table"]]
+    path = os.path.join(run_dir, "results", "learning_curve.png")
+    visualize.save_learning_curve(iterations, {"AUCp (no labels)": [row["auc"] for row in aucp["table"]],
+                                               "inductive AUC (coarse)": [by_iteration.get(i) for i in iterations]},
+                                  path, "Stage 1: AUCp and inductive AUC by checkpoint")
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image_dir", required=True, help="dataset folder (its baseline.json is shown if present)")
+    parser.add_argument("--run_dir", required=True, help="run folder written by train.sh / main.py")
+    parser.add_argument("--iteration", required=True, type=int, help="checkpoint the protocols were run with")
+    parser.add_argument("--seconds", type=float, default=None, help="wall time to print")
+    args = parser.parse_args(argv)
+    print_table(summary_rows(args.image_dir, args.run_dir, args.iteration))
+    curve = learning_curve(args.run_dir)
+    results = os.path.join(args.run_dir, "results", str(args.iteration))
+    print(f"\nPlots, CSVs and JSONs: {results}/{{refined,coarse}}/")
+    print(f"Anomaly maps: {results}/refined/maps_*/")
+    if curve:
+        print(f"Learning curve: {curve}")
+    if args.seconds is not None:
+        print(f"Wall time: {args.seconds / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""bench/benchmark.py: the report has every figure, the ratios agree with the rates, and the analytic generator
+FLOPs agree with a hand count and with FlopCounterMode. No timing is asserted."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.benchmark import RATIO_KEYS, WORKLOADS, count_flops, generator_forward_flops, transposed_conv_flops
+from model import Generator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--device", "cpu", "--image_size", "32", "--batch_size", "2", "--g_conv_dim", "4", "--d_conv_dim", "4",
+        "--g_repeat_num", "1", "--d_repeat_num", "3", "--refiner_dim", "8", "--refiner_dim_mults", "1,2",
+        "--refiner_attn_levels", "1", "--refiner_heads", "2", "--ddim_steps", "2", "--repeats", "1",
+        "--warmup", "1", "--matmul_size", "128"]
+
+
+def hand_count_tiny_generator():
+    """Generator(in_channels=1, conv_dim=2, repeat_num=1) on an 8x8 image, 2 * Cin * Cout * k * k * spatial."""
+    return sum([
+        2 * 1 * 2 * 7 * 7 * 8 * 8,   # stem conv 1->2, 7x7, out 8x8
+        2 * 2 * 4 * 4 * 4 * 4 * 4,   # down conv 2->4, 4x4 stride 2, out 4x4
+        2 * 4 * 8 * 4 * 4 * 2 * 2,   # down conv 4->8, 4x4 stride 2, out 2x2
+        2 * 8 * 8 * 3 * 3 * 2 * 2,   # residual block conv 1, 3x3, out 2x2
+        2 * 8 * 8 * 3 * 3 * 2 * 2,   # residual block conv 2
+        2 * 8 * 4 * 4 * 4 * 2 * 2,   # transposed conv 8->4, 4x4 stride 2, over its 2x2 input (out 4x4)
+        2 * 4 * 2 * 4 * 4 * 4 * 4,   # transposed conv 4->2, over its 4x4 input (out 8x8)
+        2 * 2 * 1 * 7 * 7 * 8 * 8,   # head conv 2->1, 7x7, out 8x8
+    ])
+
+
+def test_generator_flops_match_hand_count_and_flop_counter():
+    assert hand_count_tiny_generator() == 50688
+    assert generator_forward_flops(1, 2, 1, 8) == 50688
+    generator = Generator(1, 2, 1)
+    with torch.no_grad():
+        assert count_flops(lambda: generator(torch.zeros(1, 1, 8, 8))) == 50688
+        with FlopCounterMode(display=False) as counter:  # the stock counter, module tracking included
+            generator(torch.zeros(3, 1, 8, 8))
+        assert counter.get_total_flops() == 3 * 50688
+
+
+@pytest.mark.parametrize("in_channels,conv_dim,repeat_num,size", [(3, 4, 2, 16), (1, 8, 3, 32)])
+def test_generator_flops_match_flop_counter_at_other_sizes(in_channels, conv_dim, repeat_num, size):
+    generator = Generator(in_channels, conv_dim, repeat_num)
+    with torch.no_grad():
+        counted = count_flops(lambda: generator(torch.zeros(2, in_channels, size, size)))
+    assert counted == 2 * generator_forward_flops(in_channels, conv_dim, repeat_num, size)
+
+
+def test_transposed_conv_counts_input_pixels():
+    # a 4x4 stride-2 transposed conv from 2x2 to 4x4: every input pixel scatters a 4x4 kernel per channel pair
+    assert transposed_conv_flops(8, 4, 4, 2, 2) == 2 * 8 * 4 * 16 * 4
+
+
+def test_gradient_penalty_step_is_countable():
+    # FlopCounterMode's stock module tracker breaks torch.autograd.grad; count_flops must not
+    from solver import gradient_penalty
+    from model import Discriminator
+    critic = Discriminator(1, 4, 2)
+    real, fake = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
+    assert count_flops(lambda: gradient_penalty(critic, real, fake, torch.rand(2, 1, 1, 1)).backward()) > 0
+
+
+def test_benchmark_report_has_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    # one thread keeps this fast on a busy machine; the script itself never changes the thread count
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "benchmark.py"), *TINY, "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "speedup_stage1_train" in done.stdout and "reference_score_batch1" in done.stdout
+    report = json.loads(out.read_text())
+
+    machine = report["machine"]
+    assert machine["cpu_model"] and machine["cpu_cores"] >= 1 and machine["torch_version"] == torch.__version__
+    assert "cuda_device_name" in machine
+    config = report["config"]
+    assert (config["image_size"], config["batch_size"], config["g_conv_dim"], config["ddim_steps"]) == (32, 2, 4, 2)
+    assert config["devices"] == ["cpu"] and report["primary_device"] == "cpu"
+
+    cpu = report["results"]["cpu"]
+    assert cpu["ceiling"]["fp32"]["flops_per_s"] > 0
+    assert set(cpu["workloads"]) == set(WORKLOADS)
+    for name, w in cpu["workloads"].items():
+        for key in ("rate", "seconds_median", "flops_per_unit", "achieved_flops_per_s", "fraction_of_ceiling",
+                    "peak_memory_bytes", "peak_rss_bytes", "rss_before_workload_bytes"):
+            assert w[key] > 0, (name, key, w[key])
+        assert w["peak_memory_above_baseline_bytes"] >= 0
+        assert len(w["seconds"]) == 1 and w["seconds_median"] == w["seconds"][0]
+        assert math.isclose(w["rate"], w["units_per_step"] / w["seconds_median"], rel_tol=1e-9)
+        assert math.isclose(w["achieved_flops_per_s"], w["flops_per_unit"] * w["rate"], rel_tol=1e-9)
+        assert math.isclose(w["fraction_of_ceiling"], w["achieved_flops_per_s"] / cpu["ceiling"]["fp32"]["flops_per_s"],
+                            rel_tol=1e-9)
+        assert w["rate_unit"] == ("it/s" if name.endswith("_train") else "slices/s")
+        assert w["precision"] == "fp32"  # --bf16 auto is off on CPU; the reference is always fp32
+
+    wl = cpu["workloads"]
+    # a stage-1 unit is a critic-only + critic-and-generator pair; scoring units are slices
+    assert wl["ours_stage1_train"]["units_per_step"] == 2 and wl["reference_stage1_train"]["units_per_step"] == 2
+    assert wl["ours_score_coarse"]["units_per_step"] == 2 and wl["reference_score_batch1"]["units_per_step"] == 2
+    # same work counted per slice, whatever the batching
+    assert math.isclose(wl["reference_score_batch1"]["flops_per_unit"], wl["reference_score_batched"]["flops_per_unit"])
+    # the reference's 3-channel input triples the generator's stem and head costs...
+    g1, g3 = generator_forward_flops(1, 4, 1, 32), generator_forward_flops(3, 4, 1, 32)
+    assert math.isclose(wl["ours_score_coarse"]["flops_per_unit"], g1, rel_tol=0.01)
+    assert math.isclose(wl["reference_score_batch1"]["flops_per_unit"], g3, rel_tol=0.01)
+    # ...and its training iteration does more work than ours (redundant generator passes, 3 channels)
+    assert wl["reference_stage1_train"]["flops_per_unit"] > wl["ours_stage1_train"]["flops_per_unit"]
+    # the refiner adds work on top of the coarse reconstruction
+    assert wl["ours_score_refined"]["flops_per_unit"] > wl["ours_score_coarse"]["flops_per_unit"]
+
+    assert math.isclose(cpu["speedup_stage1_train"],
+                        wl["ours_stage1_train"]["rate"] / wl["reference_stage1_train"]["rate"], rel_tol=1e-9)
+    assert math.isclose(cpu["speedup_scoring"],
+                        wl["ours_score_coarse"]["rate"] / wl["reference_score_batch1"]["rate"], rel_tol=1e-9)
+    assert math.isclose(cpu["memory_ratio_stage1_train"], wl["ours_stage1_train"]["peak_memory_bytes"]
+                        / wl["reference_stage1_train"]["peak_memory_bytes"], rel_tol=1e-9)
+    for key in RATIO_KEYS:
+        assert report[key] == cpu[key]
+    for key in ("speedup_stage1_train", "speedup_scoring", "memory_ratio_stage1_train"):
+        assert report[key] > 0
