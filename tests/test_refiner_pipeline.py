@@ -1,0 +1,58 @@
+"""Both stages through train.sh, scoring with the refiner on and off, anomaly maps, and scoring new scans."""
+import json
+import os
+
+import numpy as np
+
+from conftest import TINY_FLAGS
+from test_protocols import REPO, read_csv, run
+
+
+def test_two_stages_refined_and_coarse_scoring_maps_and_new_scans(toy_dataset, tmp_path):
+    work = str(tmp_path)
+    train = run(["bash", f"{REPO}/train.sh", "Toy", *TINY_FLAGS, "--num_iters", "4", "--model_save_step", "2",
+                 "--sample_step", "2", "--refiner_iters", "3"], work)
+    assert train.returncode == 0, train.stderr[-3000:]
+    selection = json.load(open(f"{work}/runs/Toy/results/aucp_selection.json"))
+    best = selection["best_iteration"]
+    assert best == max(selection["table"], key=lambda row: row["auc"])["iteration"]
+    models = f"{work}/runs/Toy/models"
+    assert os.path.isfile(f"{models}/{best}-R.ckpt") and os.path.isfile(f"{models}/{best}-R-state.ckpt")
+    assert f"runs/Toy/models/{best}-R.ckpt refines runs/Toy/models/{best}-G.ckpt" in train.stdout
+
+    # auto: the refiner checkpoint exists for `best`, so it is used; twice with the same seed, same scores.
+    test = ["bash", f"{REPO}/test_inductive.sh", "Toy", str(best), "--num_workers", "0", "--ddim_steps", "2"]
+    first = run([*test, "--save_maps", "1"], work)
+    assert first.returncode == 0, first.stderr[-3000:]
+    refined_dir = f"{work}/runs/Toy/results/{best}/refined"
+    summary = json.load(open(f"{refined_dir}/inductive.json"))
+    assert summary["reconstruction"] == "refined" and summary["ddim_steps"] == 2
+    scores_once = read_csv(f"{refined_dir}/inductive.csv")
+    assert run(test, work).returncode == 0
+    assert read_csv(f"{refined_dir}/inductive.csv") == scores_once
+    maps = sorted(os.listdir(f"{refined_dir}/maps_inductive"))
+    assert len(maps) == 2 and maps[0].startswith("diseased_") and maps[1].startswith("healthy_")
+
+    # off: the ablation scores the same checkpoint with x_c alone, in its own folder.
+    off = run([*test, "--refiner", "off"], work)
+    assert off.returncode == 0, off.stderr[-3000:]
+    coarse = json.load(open(f"{work}/runs/Toy/results/{best}/coarse/inductive.json"))
+    assert coarse["reconstruction"] == "coarse" and coarse["n_patients"] == summary["n_patients"]
+    assert read_csv(f"{work}/runs/Toy/results/{best}/coarse/inductive.csv") != scores_once
+
+    # Stage 2 again on the same checkpoint would overwrite its refiner: refused.
+    again = run(["bash", f"{REPO}/train.sh", "Toy", *TINY_FLAGS, "--num_iters", "4", "--refine_from", str(best),
+                 "--resume_iters", "latest", "--refiner_iters", "3"], work)
+    assert again.returncode == 0  # resuming a finished run is allowed and changes nothing
+    fresh = run(["bash", f"{REPO}/train.sh", "Toy", *TINY_FLAGS, "--refiner_iters", "3"], work)
+    assert fresh.returncode == 2 and "would overwrite" in fresh.stderr
+
+    # Scoring new scans: one row per patient, flagged above the known-healthy 95th percentile.
+    score = run(["bash", f"{REPO}/score.sh", "Toy", str(best), "data/Toy/test/pos", "--num_workers", "0",
+                 "--ddim_steps", "2", "--output", "new_scores.csv"], work)
+    assert score.returncode == 0, score.stderr[-3000:]
+    rows = read_csv(f"{work}/new_scores.csv")
+    assert [r["pid"] for r in rows] == ["tpos0", "tpos1", "tpos2"] and all(r["n_slices"] == "3" for r in rows)
+    healthy = json.load(open(f"{refined_dir}/healthy_reference.json"))["healthy_patient_scores"]
+    threshold = np.percentile(healthy, 95)
+    assert [r["flagged"] for r in rows] == [str(int(float(r["score"]) > threshold)) for r in rows]
