@@ -13,15 +13,17 @@ name=Demo
 run=runs/Demo
 # CPU configuration (README, "The CPU demo configuration", says what each choice costs and buys).
 stage1=(--image_size 64 --g_conv_dim 32 --d_conv_dim 32 --g_repeat_num 3 --d_repeat_num 4 --batch_size 8
-        --g_lr 2e-4 --d_lr 4e-4 --num_iters 1800 --model_save_step 300 --sample_step 300)
+        --g_lr 2e-4 --d_lr 2e-4 --lambda_id 10)
 stage2=(--refiner_dim 16 --refiner_dim_mults 1,2,4 --refiner_attn_levels 1 --refiner_heads 4
-        --refiner_batch_size 8 --refiner_iters 400 --ddim_steps 5)
+        --refiner_batch_size 8 --ddim_steps 5)
 if [ "${1:-}" = "--full" ]; then
   shift
   run=runs/Demo-full
-  stage1=(--image_size 64 --g_conv_dim 32 --d_conv_dim 32 --g_repeat_num 3 --d_repeat_num 4 --batch_size 8
-          --g_lr 2e-4 --d_lr 4e-4 --num_iters 9000 --model_save_step 1000 --sample_step 1000)
-  stage2=("${stage2[@]/#400/1500}")
+  stage1+=(--num_iters 6000 --model_save_step 500 --sample_step 500)
+  stage2+=(--refiner_iters 2000)
+else
+  stage1+=(--num_iters 1200 --model_save_step 200 --sample_step 200)
+  stage2+=(--refiner_iters 300)
 fi
 common=(--image_dir "data/$name" --run_dir "$run" --num_workers 0 --use_tensorboard false)
 if [ -d "$run/models" ]; then
@@ -29,9 +31,6 @@ if [ -d "$run/models" ]; then
   echo "Fix: move or delete it (rm -r $run) and run bash demo.sh again." >&2
   exit 2
 fi
-# One thread per process is faster than two on a 2-core machine for these small convolutions.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-
 if [ ! -d "data/$name/train" ]; then
   "$PYTHON" make_cohort.py "data/$name"
 fi

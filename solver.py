@@ -329,6 +329,17 @@ class Solver:
         c.refiner = refiner_choice
         return max(table, key=lambda row: row["auc"])["iteration"]
 
+    def refiner_step(self, generator, diffusion, optimizer, x, noise_generator):
+        """One stage-2 update on healthy slices x: the frozen G gives x_c, the refiner learns r0 = x - x_c."""
+        with torch.no_grad(), self.autocast():
+            coarse = healthy_reconstruction(x, generator(x)).float()
+        with self.autocast():
+            loss = diffusion.loss(x - coarse, coarse, generator=noise_generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
     def train_refiner(self):
         """Stage 2: on known-healthy slices only, learn p(r | x_c) for r0 = x - x_c with G frozen."""
         from diffusion_refiner import EMA
@@ -367,13 +378,7 @@ class Solver:
                         desc=f"stage 2 (refining G@{iteration})", unit="it")
         for i in progress:
             x = next(healthy).to(self.device, non_blocking=True)
-            with torch.no_grad(), self.autocast():
-                coarse = healthy_reconstruction(x, generator(x)).float()
-            with self.autocast():
-                loss = train_diffusion.loss(x - coarse, coarse, generator=noise_generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = self.refiner_step(generator, train_diffusion, optimizer, x, noise_generator)
             ema.update(diffusion)
             if not torch.isfinite(loss):
                 raise UserError(f"non-finite refiner loss at stage-2 iteration {i + 1}; the last good refiner "

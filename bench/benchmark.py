@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from main import parse_config, str2bool  # noqa: E402
-from model import Discriminator, Generator, healthy_reconstruction  # noqa: E402
+from model import Discriminator, Generator  # noqa: E402
 
 WORKLOADS = ("ours_stage1_train", "ours_stage2_train", "ours_score_coarse", "ours_score_refined",
              "reference_stage1_train", "reference_score_batch1", "reference_score_batched")
@@ -227,13 +227,7 @@ def ours_stage2_train(solver):
     x = random_slices(c.batch_size, c.in_channels, c.image_size, solver.device, 4)
 
     def step(model):
-        with torch.no_grad(), solver.autocast():
-            coarse = healthy_reconstruction(x, generator(x)).float()
-        with solver.autocast():
-            loss = model.loss(x - coarse, coarse, generator=noise_generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        solver.refiner_step(generator, model, optimizer, x, noise_generator)
         ema.update(diffusion)
 
     return lambda: step(train_diffusion), 1, lambda: step(diffusion)
