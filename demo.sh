@@ -15,14 +15,14 @@ run=runs/Demo
 stage1=(--image_size 64 --g_conv_dim 32 --d_conv_dim 32 --g_repeat_num 3 --d_repeat_num 4 --batch_size 8
         --g_lr 2e-4 --d_lr 2e-4 --lambda_id 10)
 stage2=(--refiner_dim 16 --refiner_dim_mults 1,2,4 --refiner_attn_levels 1 --refiner_heads 4
-        --refiner_batch_size 8 --ddim_steps 5)
+        --refiner_batch_size 8 --ddim_steps 3)
 if [ "${1:-}" = "--full" ]; then
   shift
   run=runs/Demo-full
   stage1+=(--num_iters 6000 --model_save_step 500 --sample_step 500)
   stage2+=(--refiner_iters 2000)
 else
-  stage1+=(--num_iters 1200 --model_save_step 200 --sample_step 200)
+  stage1+=(--num_iters 1000 --model_save_step 200 --sample_step 200)
   stage2+=(--refiner_iters 300)
 fi
 common=(--image_dir "data/$name" --run_dir "$run" --num_workers 0 --use_tensorboard false)

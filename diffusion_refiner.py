@@ -202,6 +202,9 @@ class ResidualDiffusion(nn.Module):
         super().__init__()
         self.unet = unet
         self.timesteps = timesteps
+        # GAN residuals are small (std ~0.05): diffusion runs on r / residual_scale, set from the healthy
+        # residuals' std before training (LDM's scale-factor trick), so the signal is not lost in unit noise.
+        self.register_buffer("residual_scale", torch.ones(()))
         alphas_cumprod = torch.cumprod(1 - cosine_beta_schedule(timesteps), dim=0)
         for name, value in [("alphas_cumprod", alphas_cumprod),
                             ("sqrt_alphas_cumprod", alphas_cumprod.sqrt()),
@@ -218,6 +221,7 @@ class ResidualDiffusion(nn.Module):
 
     def loss(self, r0, coarse, generator=None):
         assert r0.shape == coarse.shape, f"residual {tuple(r0.shape)} vs coarse {tuple(coarse.shape)}"
+        r0 = r0 / self.residual_scale
         t = torch.randint(0, self.timesteps, (r0.shape[0],), generator=generator, device=r0.device)
         noise = torch.randn(r0.shape, generator=generator, device=r0.device, dtype=r0.dtype)
         a, s = self._coefs(t)
@@ -239,10 +243,11 @@ class ResidualDiffusion(nn.Module):
             abar = self.alphas_cumprod[t]
             abar_prev = self.alphas_cumprod[times[i + 1]] if i + 1 < steps else abar.new_tensor(1.0)
             v = self.unet(r, coarse, torch.full((b,), t, device=coarse.device, dtype=torch.long)).float()
-            r0_hat = (abar.sqrt() * r - (1 - abar).sqrt() * v).clamp(-self.residual_bound, self.residual_bound)
+            bound = self.residual_bound / self.residual_scale
+            r0_hat = (abar.sqrt() * r - (1 - abar).sqrt() * v).clamp(-bound, bound)
             eps_hat = ((r - abar.sqrt() * r0_hat) / (1 - abar).sqrt())
             r = abar_prev.sqrt() * r0_hat + (1 - abar_prev).sqrt() * eps_hat  # DDIM, eta = 0
-        return r
+        return r * self.residual_scale
 
     @torch.no_grad()
     def refine(self, coarse, steps=10, generator=None, noise=None):

@@ -25,19 +25,26 @@ def summary_rows(image_dir, run_dir, iteration):
         results = {p: read_json(os.path.join(run_dir, "results", str(iteration), reconstruction, f"{p}.json"))
                    for p in PROTOCOL_SETS}
         if any(results.values()):
-            rows.append((f"Brainomaly-Diff, {reconstruction} (ckpt {iteration})",
-                         {p: r["auc"] if r else None for p, r in results.items()}))
+            values = {p: r["auc"] if r else None for p, r in results.items()}
+            inductive = results["inductive"] or {}
+            values.update({k: inductive.get(k) for k in ("pixel_auroc", "best_dice")})
+            rows.append((f"Brainomaly-Diff, {reconstruction} (ckpt {iteration})", values))
     baseline = read_json(os.path.join(image_dir, "baseline.json"))
     if baseline:
-        rows.append(("baseline: CSF fraction", {p: baseline.get(p) for p in PROTOCOL_SETS}))
+        rows.append(("baseline: CSF fraction", {p: baseline["auc"].get(p) for p in PROTOCOL_SETS}))
     return rows
 
 
+COLUMNS = (*PROTOCOL_SETS, "pixel_auroc", "best_dice")
+
+
 def print_table(rows):
-    print(f"\n{'patient-level ROC AUC':<40} {'inductive':>10} {'transductive':>13} {'AUCp':>7}")
+    """Patient-level ROC AUC per protocol, and the inductive pixel AUROC and best Dice (where masks exist)."""
+    print(f"\n{'patient-level ROC AUC':<40} {'inductive':>10} {'transductive':>13} {'AUCp':>7} "
+          f"{'pixel AUROC':>12} {'best Dice':>10}")
     for name, values in rows:
-        cells = [f"{values[p]:.3f}" if values.get(p) is not None else "n/a" for p in PROTOCOL_SETS]
-        print(f"{name:<40} {cells[0]:>10} {cells[1]:>13} {cells[2]:>7}")
+        cells = [f"{values[k]:.3f}" if values.get(k) is not None else "n/a" for k in COLUMNS]
+        print(f"{name:<40} {cells[0]:>10} {cells[1]:>13} {cells[2]:>7} {cells[3]:>12} {cells[4]:>10}")
 
 
 def learning_curve(run_dir):

@@ -329,6 +329,16 @@ class Solver:
         c.refiner = refiner_choice
         return max(table, key=lambda row: row["auc"])["iteration"]
 
+    @torch.no_grad()
+    def residual_std(self, generator, healthy, batches=8):
+        """Std of r0 = x - x_c over a few healthy batches (on resume the saved scale and stream state win)."""
+        residuals = []
+        for _ in range(batches):
+            x = next(healthy).to(self.device)
+            with self.autocast():
+                residuals.append((x - healthy_reconstruction(x, generator(x)).float()).flatten())
+        return float(torch.cat(residuals).std().clamp_min(1e-3))
+
     def refiner_step(self, generator, diffusion, optimizer, x, noise_generator):
         """One stage-2 update on healthy slices x: the frozen G gives x_c, the refiner learns r0 = x - x_c."""
         with torch.no_grad(), self.autocast():
@@ -359,6 +369,7 @@ class Solver:
                                               c.image_size, c.refiner_batch_size, c.seed + 3, c.preload,
                                               **self.loader_options)
         diffusion = self.build_refiner()
+        diffusion.residual_scale.fill_(self.residual_std(generator, healthy))
         ema = EMA(diffusion, c.refiner_ema)
         optimizer = torch.optim.Adam(diffusion.parameters(), c.refiner_lr)
         noise_generator = torch.Generator(self.device).manual_seed(c.seed + 4)
