@@ -521,6 +521,12 @@ class Solver:
             self.test_every_checkpoint(protocol)
             return
         result = self.run_protocol(protocol, self.resolve_iteration(self.config.test_iters))
+        if self.config.use_neptune:  # attach the metrics to the training run (--neptune_id) under --neptune_key
+            run = start_neptune(self.config)
+            prefix = self.config.neptune_key or f"Test_{PROTOCOL_TITLES[protocol]}"
+            for key in ("auc", "average_precision", "sensitivity", "specificity", "threshold", "tn", "fp", "fn", "tp"):
+                run[f"{prefix}/{key}"] = result[key]
+            run.stop()
         print_result(result, os.path.join(self.config.result_dir, str(result["checkpoint"]), result["reconstruction"]))
 
     def test_every_checkpoint(self, protocol):

@@ -192,3 +192,15 @@ def test_ema_tracks_the_model_and_round_trips():
     target = ResidualDiffusion(tiny_unet(), timesteps=T)
     restored.copy_to(target)
     torch.testing.assert_close(next(target.parameters()), ema_first)
+
+
+def test_residual_scale_diffuses_scaled_residuals_and_returns_them_unscaled():
+    # With residual_scale s the network models r0 / s; an oracle for r0 / s must give back r0 itself.
+    gen = torch.Generator().manual_seed(0)
+    r0 = torch.randn(2, 1, 16, 16, generator=gen) * 0.05
+    diffusion = ResidualDiffusion(OracleV(r0 / 0.05), timesteps=T)
+    diffusion.residual_scale.fill_(0.05)
+    r_hat = diffusion.sample_residual(torch.zeros_like(r0), steps=10, noise=torch.randn(r0.shape, generator=gen))
+    torch.testing.assert_close(r_hat, r0, atol=1e-5, rtol=0)
+    assert diffusion.loss(r0, torch.zeros_like(r0)).item() < 1e-8
+    assert "residual_scale" in diffusion.state_dict()  # saved with the refiner checkpoint
