@@ -186,7 +186,8 @@ class Solver:
         ckpt.atomic_save({"state_dict": generator.state_dict(), "config": config, "iteration": iteration},
                          self.model_path(iteration, "G"))
 
-    def restore_stage1(self, generator, critic, g_optimizer, d_optimizer, streams, noise_generator):
+    def resume_iteration(self):
+        """The checkpoint --resume_iters names ('latest': the newest with G, D and the training state)."""
         c = self.config
         model_dir = c.model_save_dir
         if c.resume_iters == "latest":
@@ -199,8 +200,10 @@ class Solver:
             for part in ("G", "D", "state"):
                 if not os.path.isfile(self.model_path(iteration, part)):
                     raise ckpt.missing_checkpoint_error(model_dir, iteration, part, "needed to resume")
-        g_saved = ckpt.load(self.model_path(iteration, "G"))
-        ckpt.reconcile_config(c, g_saved["config"], ARCHITECTURE_FLAGS, self.model_path(iteration, "G"))
+        return iteration
+
+    def restore_stage1(self, iteration, g_saved, generator, critic, g_optimizer, d_optimizer, streams,
+                       noise_generator):
         generator.load_state_dict(g_saved["state_dict"])
         critic.load_state_dict(ckpt.load(self.model_path(iteration, "D"))["state_dict"])
         state = ckpt.load(self.model_path(iteration, "state"))
@@ -210,7 +213,7 @@ class Solver:
         noise_generator.set_state(state["noise_generator"])
         for stream, stream_state in zip(streams, state["streams"]):
             stream.load_state_dict(stream_state)
-        print(f"Resumed stage 1 from iteration {iteration} in {model_dir}.")
+        print(f"Resumed stage 1 from iteration {iteration} in {self.config.model_save_dir}.")
         return iteration
 
     def train_step(self, generator, critic, g_optimizer, d_optimizer, x_mixed, x_healthy, alpha, update_generator):
@@ -257,9 +260,9 @@ class Solver:
         c = self.config
         if c.resume_iters is not None:
             # Build with the checkpoint's architecture before anything else.
-            iteration = self.resolve_iteration(c.resume_iters, "G")
-            path = self.model_path(iteration, "G")
-            ckpt.reconcile_config(c, ckpt.load(path)["config"], ARCHITECTURE_FLAGS, path)
+            resume_from = self.resume_iteration()
+            g_saved = ckpt.load(self.model_path(resume_from, "G"))
+            ckpt.reconcile_config(c, g_saved["config"], ARCHITECTURE_FLAGS, self.model_path(resume_from, "G"))
         else:
             self.refuse_to_overwrite("G", "resume it with --resume_iters latest")
         data_loader.check_dataset(c.image_dir, c.batch_size)
@@ -274,7 +277,8 @@ class Solver:
         noise_generator = torch.Generator().manual_seed(c.seed + 2)  # gradient-penalty interpolation weights
         start = 0
         if c.resume_iters is not None:
-            start = self.restore_stage1(generator, critic, g_optimizer, d_optimizer, (mixed, healthy), noise_generator)
+            start = self.restore_stage1(resume_from, g_saved, generator, critic, g_optimizer, d_optimizer,
+                                        (mixed, healthy), noise_generator)
         write_json(self.saved_config(), os.path.join(c.model_save_dir, "config.json"))
         fixed_mixed, fixed_healthy = (torch.stack([data_loader.load_slice(p, c.image_size) for p in paths[:8]])
                                       for paths in (mixed.paths, healthy.paths))

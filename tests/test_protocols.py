@@ -5,9 +5,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from conftest import TINY_FLAGS, TOY_LAYOUT, SLICES_PER_PATIENT
+from conftest import TINY_FLAGS, SLICES_PER_PATIENT
 from data_loader import patient_id, protocol_slices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
