@@ -16,7 +16,7 @@ from scipy import ndimage as ndi
 from sklearn.metrics import roc_auc_score
 
 from data_loader import PROTOCOL_SETS, patient_id, read_grayscale, require_images
-from errors import EXIT_USER_ERROR, UserError
+from errors import UserError, run_cli
 
 HEAD_THRESHOLD = 0.02  # above the black background of skull-stripped slices
 CSF_THRESHOLD = 0.3    # between CSF (dark) and grey matter on a [0, 1] T1 slice
@@ -62,21 +62,21 @@ def baseline_protocol_aucs(root):
     return aucs
 
 
-def main(argv=None):
+def run(argv=None):
     parser = argparse.ArgumentParser(description="CSF-fraction baseline: patient-level AUC for each protocol.")
     parser.add_argument("root", help="dataset folder, e.g. data/Demo")
     args = parser.parse_args(argv)
-    try:
-        aucs = baseline_protocol_aucs(args.root)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    aucs = baseline_protocol_aucs(args.root)
     print(f"{'protocol':<14}baseline AUC (CSF fraction)")
     for protocol, auc in aucs.items():
         print(f"{protocol:<14}{'n/a (folders missing)' if auc is None else f'{auc:.3f}'}")
     with open(os.path.join(args.root, "baseline.json"), "w") as handle:
         json.dump({"score": "CSF fraction", "csf_threshold": CSF_THRESHOLD, "auc": aucs}, handle, indent=2)
     return 0
+
+
+def main(argv=None):
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

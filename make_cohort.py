@@ -23,7 +23,7 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from data_loader import save_slice_png, slice_filename
-from errors import EXIT_USER_ERROR, UserError
+from errors import UserError, run_cli
 
 FOLDERS = ("train/pos", "train/neg_mixed", "train/neg", "test/pos", "test/neg")
 WRITTEN = ("train", "test", "masks", "brain_masks", "manifest.csv", "baseline.json")  # what --overwrite replaces
@@ -366,22 +366,21 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def run(argv=None):
     args = parse_args(argv)
     started = time.time()
-    try:
-        rows = make_cohort(args.out_dir, args.mixed, args.disease_share, args.healthy, args.test_pos, args.test_neg,
-                           args.image_size, args.slices, tuple(args.severity), args.seed, args.lesions,
-                           args.overwrite)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    rows = make_cohort(args.out_dir, args.mixed, args.disease_share, args.healthy, args.test_pos, args.test_neg,
+                       args.image_size, args.slices, tuple(args.severity), args.seed, args.lesions, args.overwrite)
     if args.contact_sheet:
         contact_sheet(args.contact_sheet, image_size=args.image_size)
     subjects = len({row["pid"] for row in rows})
     print(f"wrote {len(rows)} slices of {subjects} subjects to {args.out_dir} in {time.time() - started:.1f} s "
           f"(manifest: {os.path.join(args.out_dir, 'manifest.csv')})")
     return 0
+
+
+def main(argv=None):
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from data_loader import is_image_file, patient_id, read_grayscale, save_slice_png, slice_filename
-from errors import EXIT_USER_ERROR, UserError
+from errors import UserError, run_cli
 
 LAYOUT_FOLDERS = ("train/pos", "train/neg_mixed", "train/neg", "test/pos", "test/neg")
 MANIFEST_NAME = "prepare_data_manifest.csv"
@@ -593,20 +593,20 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def run(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "nifti":
-            prepare_nifti(args.volumes, args.split, args.out, args.masks, args.min_brain_fraction, args.slices,
-                          args.image_size, args.overwrite)
-        elif args.command == "kaggle":
-            prepare_kaggle(args.src, args.out, args.mixed_disease_share, args.neg_share, args.seed, args.overwrite)
-        else:
-            prepare_csv(args.split, args.src, args.out, args.class_map, args.link, args.overwrite)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    if args.command == "nifti":
+        prepare_nifti(args.volumes, args.split, args.out, args.masks, args.min_brain_fraction, args.slices,
+                      args.image_size, args.overwrite)
+    elif args.command == "kaggle":
+        prepare_kaggle(args.src, args.out, args.mixed_disease_share, args.neg_share, args.seed, args.overwrite)
+    else:
+        prepare_csv(args.split, args.src, args.out, args.class_map, args.link, args.overwrite)
     return 0
+
+
+def main(argv=None):
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":
