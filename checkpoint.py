@@ -7,6 +7,7 @@ A checkpoint iteration ITER in the models folder is
     ITER-R.ckpt      refiner EMA weights + config, refining ITER-G (stage 2)
     ITER-R-state.ckpt  refiner raw weights, optimiser and random states (stage-2 resume)
 """
+import argparse
 import os
 import re
 
@@ -55,16 +56,24 @@ def saved_iterations(model_dir, *parts):
     return sorted(i for i, have in found.items() if set(parts) <= have)
 
 
-def missing_checkpoint_error(model_dir, iteration, part, what):
+def missing_checkpoint_error(model_dir, iteration, part, what, flag="ITER"):
+    """flag: where the user names the iteration (ITER of the test scripts, --resume_iters, --refine_from)."""
     existing = saved_iterations(model_dir, part)
     listing = ", ".join(map(str, existing)) if existing else "none"
     return UserError(f"missing checkpoint {checkpoint_path(model_dir, iteration, part)} ({what}).\n"
-                     f"Saved iterations in {model_dir}: {listing}.\nFix: pass one of them as ITER"
+                     f"Saved iterations in {model_dir}: {listing}.\nFix: pass one of them as {flag}"
                      + ("." if existing else ", or train first (bash train.sh NAME)."))
 
 
-def reconcile_config(config, saved, keys, path):
-    """Take the network-defining values from a checkpoint; refuse a flag the user typed that contradicts one."""
+def replace_config(config, **changes):
+    """A copy of the config namespace with some values changed; the caller's config stays as it was."""
+    return argparse.Namespace(**{**vars(config), **changes})
+
+
+def reconciled_config(config, saved, keys, path):
+    """A copy of config with the network-defining values taken from a checkpoint; a flag the user typed that
+    contradicts one is refused."""
+    taken = {}
     for key in keys:
         if key not in saved:
             continue
@@ -73,4 +82,5 @@ def reconcile_config(config, saved, keys, path):
             raise UserError(f"--{key} {ours} does not match the checkpoint {path}, which was trained with "
                             f"--{key} {theirs}.\nFix: drop --{key} (the checkpoint's value is used) or "
                             f"pick a checkpoint trained with --{key} {ours}.")
-        setattr(config, key, theirs)
+        taken[key] = theirs
+    return replace_config(config, **taken)

@@ -162,10 +162,11 @@ class EndlessBatches:
     PNG decoding from every iteration; without it a DataLoader streams them from disk.
     """
 
-    def __init__(self, paths, image_size, batch_size, seed, preload, num_workers=0, pin_memory=False):
+    def __init__(self, paths, image_size, batch_size, seed, preload, num_workers=0, pin_memory=False,
+                 batch_flag="--batch_size"):
         if len(paths) < batch_size:
             raise UserError(f"only {len(paths)} training slices in {os.path.dirname(paths[0])} for a batch of "
-                            f"{batch_size}.\nFix: add slices or lower --batch_size.")
+                            f"{batch_size}.\nFix: add slices or lower {batch_flag}.")
         self.paths = list(paths)
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -220,10 +221,12 @@ def mixed_set_paths(root):
     return [p for folder in MIXED_FOLDERS for p in require_images(root, folder)]
 
 
-def training_stream(paths, image_size, batch_size, seed, preload="auto", num_workers=0, pin_memory=False):
-    """An endless batch stream over `paths`: the mixed set M and the healthy set H each get their own."""
+def training_stream(paths, image_size, batch_size, seed, preload="auto", num_workers=0, pin_memory=False,
+                    batch_flag="--batch_size"):
+    """An endless batch stream over `paths`: the mixed set M and the healthy set H each get their own.
+    batch_flag names the flag that set batch_size (stage 2: --refiner_batch_size)."""
     use_memory = should_preload(len(paths), image_size, preload)
-    return EndlessBatches(paths, image_size, batch_size, seed, use_memory, num_workers, pin_memory)
+    return EndlessBatches(paths, image_size, batch_size, seed, use_memory, num_workers, pin_memory, batch_flag)
 
 
 def protocol_slices(root, protocol):
@@ -258,13 +261,30 @@ def open_image(path, full):
         return None, str(err)
 
 
-def check_dataset(root, batch_size, full=False):
+def ground_truth_masks(root, path, image_size):
+    """(anomaly mask, brain mask) of a slice from ROOT/masks and ROOT/brain_masks, or None when either is missing."""
+    relative = os.path.relpath(path, root)
+    found = []
+    for folder in ("masks", "brain_masks"):
+        mask_path = os.path.join(root, folder, relative)
+        if not os.path.isfile(mask_path):
+            return None
+        found.append(load_slice(mask_path, image_size)[0].numpy() > 0)
+    return found
+
+
+def has_masks(root):
+    return os.path.isdir(os.path.join(root, "masks"))
+
+
+def check_dataset(root, batch_size, full=False, batch_flag="--batch_size"):
     """Validate the layout before any work starts; every problem found is reported in one UserError.
 
     Required: train/pos, train/neg_mixed, train/neg with images (the test folders are optional).
     Errors: missing or empty required folders, unreadable images, too few slices for a batch, a patient id
     in two folders. Reported only: non-image files (skipped), mixed image sizes (all are resized anyway).
     full=True decodes every image (check_data mode); otherwise only the headers are read.
+    batch_flag names the flag that set batch_size (stage 2 batches with --refiner_batch_size).
     """
     if not os.path.isdir(root):
         raise UserError(f"missing data folder {root}.\nFix: pass --image_dir (train.sh NAME reads data/NAME); "
@@ -291,11 +311,11 @@ def check_dataset(root, batch_size, full=False):
     for folder, count, _ in summary:
         if folder == "train/neg" and 0 < count < batch_size:
             problems.append(f"only {count} slices in {os.path.join(root, folder)} for a batch of {batch_size}: "
-                            f"add slices or lower --batch_size.")
+                            f"add slices or lower {batch_flag}.")
     mixed_count = sum(count for folder, count, _ in summary if folder in MIXED_FOLDERS)
     if 0 < mixed_count < batch_size:
         problems.append(f"only {mixed_count} slices in the mixed set ({root}/train/pos + train/neg_mixed) for a "
-                        f"batch of {batch_size}: add slices or lower --batch_size.")
+                        f"batch of {batch_size}: add slices or lower {batch_flag}.")
     shared = {pid: sorted(f) for pid, f in folders_of_patient.items() if len(f) > 1}
     for pid, folders in list(shared.items())[:10]:
         problems.append(f"patient id {pid!r} has slices in {' and '.join(os.path.join(root, f) for f in folders)}: "

@@ -11,6 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# main.py flags that define the refiner: a checkpoint's values win, and an explicit conflicting flag is refused.
+REFINER_ARCHITECTURE_FLAGS = ("refiner_dim", "refiner_dim_mults", "refiner_blocks", "refiner_attn_levels",
+                              "refiner_heads", "diffusion_steps")
+
 
 def cosine_beta_schedule(timesteps, s=0.008):
     """Betas of the cosine schedule (Nichol & Dhariwal 2021), float64, clipped to 0.999."""

@@ -2,16 +2,13 @@
 import argparse
 import sys
 
-from errors import EXIT_USER_ERROR, UserError
+import run_layout
+from errors import run_cli
+from solver import Solver
 
 MODE_ALIASES = {"testAUCInductive": "test_inductive", "testAUCTransductive": "test_transductive",
                 "testAUCp": "test_aucp"}
 MODES = ("train", "train_refiner", "test_inductive", "test_transductive", "test_aucp", "score", "check_data")
-
-# Flags that define the networks: a checkpoint's values win, and an explicit conflicting flag is refused.
-ARCHITECTURE_FLAGS = ("image_size", "in_channels", "g_conv_dim", "g_repeat_num", "d_conv_dim", "d_repeat_num")
-REFINER_ARCHITECTURE_FLAGS = ("refiner_dim", "refiner_dim_mults", "refiner_blocks", "refiner_attn_levels",
-                              "refiner_heads", "diffusion_steps")
 
 
 def str2bool(value):
@@ -150,22 +147,19 @@ def parse_config(argv=None):
     config = parser.parse_args(argv)
     config.mode = MODE_ALIASES.get(config.mode, config.mode)
     config.explicit_flags = sorted(explicit_flags(parser, argv))
-    for key, folder in (("log_dir", "logs"), ("model_save_dir", "models"), ("sample_dir", "samples"),
-                        ("result_dir", "results")):
+    for key in run_layout.RUN_FOLDERS:
         if getattr(config, key) is None:
-            setattr(config, key, f"{config.run_dir}/{folder}")
+            setattr(config, key, run_layout.default_folder(config.run_dir, key))
     return config
 
 
-def main(argv=None):
-    config = parse_config(argv)
-    try:
-        from solver import Solver
-        Solver(config).run()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+def run(argv=None):
+    Solver(parse_config(argv)).run()
     return 0
+
+
+def main(argv=None):
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

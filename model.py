@@ -2,6 +2,9 @@
 import torch
 import torch.nn as nn
 
+# main.py flags that define these networks: a checkpoint's values win, and an explicit conflicting flag is refused.
+ARCHITECTURE_FLAGS = ("image_size", "in_channels", "g_conv_dim", "g_repeat_num", "d_conv_dim", "d_repeat_num")
+
 
 def instance_norm(channels):
     # No running statistics: inference uses per-instance statistics, as the reference does by never calling

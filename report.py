@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 
+import run_layout
 import visualize
 from data_loader import PROTOCOL_SETS
 
@@ -21,9 +22,10 @@ def read_json(path):
 def summary_rows(image_dir, run_dir, iteration):
     """(name, {protocol: value or None}) rows: refined, coarse and the CSF baseline."""
     rows = []
-    for reconstruction in ("refined", "coarse"):
-        results = {p: read_json(os.path.join(run_dir, "results", str(iteration), reconstruction, f"{p}.json"))
-                   for p in PROTOCOL_SETS}
+    result_dir = run_layout.default_folder(run_dir, "result_dir")
+    for reconstruction in run_layout.RECONSTRUCTIONS:
+        files = run_layout.CheckpointResults(result_dir, iteration, reconstruction)
+        results = {p: read_json(files.protocol_json(p)) for p in PROTOCOL_SETS}
         if any(results.values()):
             values = {p: r["auc"] if r else None for p, r in results.items()}
             inductive = results["inductive"] or {}
@@ -49,13 +51,14 @@ def print_table(rows):
 
 def learning_curve(run_dir):
     """Plot AUCp (label-free) and inductive AUC of every stage-1 checkpoint, when both tables exist."""
-    aucp = read_json(os.path.join(run_dir, "results", "aucp_selection.json"))
-    inductive = read_json(os.path.join(run_dir, "results", "inductive_by_iteration.json"))
+    result_dir = run_layout.default_folder(run_dir, "result_dir")
+    aucp = read_json(run_layout.sweep_table(result_dir, "aucp", "json"))
+    inductive = read_json(run_layout.sweep_table(result_dir, "inductive", "json"))
     if not aucp or not inductive:
         return None
     by_iteration = {row["iteration"]: row["auc"] for row in inductive["table"] if row["reconstruction"] == "coarse"}
     iterations = [row["iteration"] for row in aucp["table"]]
-    path = os.path.join(run_dir, "results", "learning_curve.png")
+    path = run_layout.learning_curve(result_dir)
     visualize.save_learning_curve(iterations, {"AUCp (no labels)": [row["auc"] for row in aucp["table"]],
                                                "inductive AUC (coarse)": [by_iteration.get(i) for i in iterations]},
                                   path, "Stage 1: AUCp and inductive AUC by checkpoint")
@@ -71,8 +74,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print_table(summary_rows(args.image_dir, args.run_dir, args.iteration))
     curve = learning_curve(args.run_dir)
-    results = os.path.join(args.run_dir, "results", str(args.iteration))
-    print(f"\nPlots, CSVs and JSONs: {results}/{{refined,coarse}}/")
+    results = run_layout.iteration_dir(run_layout.default_folder(args.run_dir, "result_dir"), args.iteration)
+    print(f"\nPlots, CSVs and JSONs: {results}/{{{','.join(run_layout.RECONSTRUCTIONS)}}}/")
     print(f"Anomaly maps: {results}/refined/maps_*/")
     if curve:
         print(f"Learning curve: {curve}")

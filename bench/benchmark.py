@@ -6,9 +6,9 @@ Every network/width flag of main.py passes through (--g_conv_dim, --d_conv_dim, 
 --refiner_dim, --refiner_dim_mults, --ddim_steps, ...). For each device it measures
 
   ceiling                 a large torch.mm (fp32; bf16 too on CUDA or with --bf16 on): a practical FLOP/s ceiling
-  ours_stage1_train       Solver.train_step, one critic-only and one critic+generator iteration (n_critic 2)
+  ours_stage1_train       stage1_training.train_step, one critic-only and one critic+generator iteration (n_critic 2)
   ours_stage2_train       the stage-2 loop body: frozen G -> x_c, refiner loss, backward, Adam step, EMA update
-  ours_score_coarse       Solver.reconstruct at --batch_size under torch.inference_mode (refiner off)
+  ours_score_coarse       scoring.reconstruct at --batch_size under torch.inference_mode (refiner off)
   ours_score_refined      the same with the refiner on (--ddim_steps DDIM steps)
   reference_stage1_train  the public code's iteration: 3-channel nets, G's critic-step pass with a graph it never
                           uses, G(x_M) recomputed and G(x_H) run separately in the generator step, critic weight
@@ -41,6 +41,10 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from main import parse_config, str2bool  # noqa: E402
+import networks  # noqa: E402
+import scoring  # noqa: E402
+import stage1_training  # noqa: E402
+import stage2_training  # noqa: E402
 from model import Discriminator, Generator  # noqa: E402
 
 WORKLOADS = ("ours_stage1_train", "ours_stage2_train", "ours_score_coarse", "ours_score_refined",
@@ -199,17 +203,17 @@ def random_slices(n, channels, size, device, seed):
 def ours_stage1_train(solver):
     c = solver.config
     from torch.optim import Adam
-    generator, critic = solver.build_stage1()
+    generator, critic = networks.build_stage1(solver.runtime, c)
     g_opt = Adam(generator.parameters(), c.g_lr, betas=(c.beta1, c.beta2))
     d_opt = Adam(critic.parameters(), c.d_lr, betas=(c.beta1, c.beta2))
-    x_mixed = random_slices(c.batch_size, c.in_channels, c.image_size, solver.device, 1)
-    x_healthy = random_slices(c.batch_size, c.in_channels, c.image_size, solver.device, 2)
-    alpha = torch.rand(c.batch_size, 1, 1, 1, generator=torch.Generator().manual_seed(3)).to(solver.device)
-    train_g, train_d = solver.compiled(generator), solver.compiled(critic)
+    x_mixed = random_slices(c.batch_size, c.in_channels, c.image_size, solver.runtime.device, 1)
+    x_healthy = random_slices(c.batch_size, c.in_channels, c.image_size, solver.runtime.device, 2)
+    alpha = torch.rand(c.batch_size, 1, 1, 1, generator=torch.Generator().manual_seed(3)).to(solver.runtime.device)
+    train_g, train_d = solver.runtime.compiled(generator), solver.runtime.compiled(critic)
 
     def pair(g, d):
-        solver.train_step(g, d, g_opt, d_opt, x_mixed, x_healthy, alpha, False)
-        solver.train_step(g, d, g_opt, d_opt, x_mixed, x_healthy, alpha, True)
+        stage1_training.train_step(solver.runtime, c, g, d, g_opt, d_opt, x_mixed, x_healthy, alpha, False)
+        stage1_training.train_step(solver.runtime, c, g, d, g_opt, d_opt, x_mixed, x_healthy, alpha, True)
 
     return lambda: pair(train_g, train_d), 2, lambda: pair(generator, critic)
 
@@ -217,17 +221,17 @@ def ours_stage1_train(solver):
 def ours_stage2_train(solver):
     from diffusion_refiner import EMA
     c = solver.config
-    generator, _ = solver.build_stage1()
-    generator = solver.compiled(generator.eval().requires_grad_(False))
-    diffusion = solver.build_refiner()
+    generator, _ = networks.build_stage1(solver.runtime, c)
+    generator = solver.runtime.compiled(generator.eval().requires_grad_(False))
+    diffusion = networks.build_refiner(solver.runtime, c)
     ema = EMA(diffusion, c.refiner_ema)
     optimizer = torch.optim.Adam(diffusion.parameters(), c.refiner_lr)
-    noise_generator = torch.Generator(solver.device).manual_seed(c.seed + 4)
-    train_diffusion = solver.compiled(diffusion)
-    x = random_slices(c.batch_size, c.in_channels, c.image_size, solver.device, 4)
+    noise_generator = torch.Generator(solver.runtime.device).manual_seed(c.seed + 4)
+    train_diffusion = solver.runtime.compiled(diffusion)
+    x = random_slices(c.batch_size, c.in_channels, c.image_size, solver.runtime.device, 4)
 
     def step(model):
-        solver.refiner_step(generator, model, optimizer, x, noise_generator)
+        stage2_training.refiner_step(solver.runtime, generator, model, optimizer, x, noise_generator)
         ema.update(diffusion)
 
     return lambda: step(train_diffusion), 1, lambda: step(diffusion)
@@ -235,16 +239,16 @@ def ours_stage2_train(solver):
 
 def ours_scoring(solver, refined):
     c = solver.config
-    raw, _ = solver.build_stage1()
+    raw, _ = networks.build_stage1(solver.runtime, c)
     raw = raw.eval().requires_grad_(False)
-    generator = solver.compiled(raw)
-    diffusion = solver.build_refiner().eval().requires_grad_(False) if refined else None
-    x = random_slices(c.batch_size, c.in_channels, c.image_size, solver.device, 5)
+    generator = solver.runtime.compiled(raw)
+    diffusion = networks.build_refiner(solver.runtime, c).eval().requires_grad_(False) if refined else None
+    x = random_slices(c.batch_size, c.in_channels, c.image_size, solver.runtime.device, 5)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)) if refined else None
 
     @torch.inference_mode()
     def step(g):
-        coarse, refined_x = solver.reconstruct(x, g, diffusion, noise)
+        coarse, refined_x = scoring.reconstruct(solver.runtime, c, x, g, diffusion, noise)
         reconstruction = coarse if refined_x is None else refined_x
         return ((x - reconstruction).abs().mean(dim=1) / 2).mean(dim=(1, 2)).cpu()
 
@@ -254,7 +258,7 @@ def ours_scoring(solver, refined):
 def reference_stage1_train(solver):
     """The public code's stage-1 iteration, written from its description (reference-behaviour.md 3.1)."""
     c = solver.config
-    device = solver.device
+    device = solver.runtime.device
     generator = Generator(3, c.g_conv_dim, c.g_repeat_num).to(device)
     critic = Discriminator(3, c.d_conv_dim, c.d_repeat_num).to(device)
     g_opt = torch.optim.Adam(generator.parameters(), c.g_lr, betas=(c.beta1, c.beta2))
@@ -303,8 +307,8 @@ def reference_stage1_train(solver):
 def reference_scoring(solver, batch):
     """The public code's scoring (reference-behaviour.md 5.1): 3-channel input, no_grad, G in train mode."""
     c = solver.config
-    generator = Generator(3, c.g_conv_dim, c.g_repeat_num).to(solver.device)
-    x = random_slices(c.batch_size, 3, c.image_size, solver.device, 5)
+    generator = Generator(3, c.g_conv_dim, c.g_repeat_num).to(solver.runtime.device)
+    x = random_slices(c.batch_size, 3, c.image_size, solver.runtime.device, 5)
     chunks = x.split(batch)
 
     @torch.no_grad()
@@ -343,18 +347,18 @@ def run_worker(args, passthrough):
     solver = Solver(solver_config(args, passthrough, device))
     reference = args.worker.startswith("reference_")
     rss_before = max_rss_bytes()
-    if solver.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(solver.device)
+    if solver.runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(solver.runtime.device)
     step, units, flop_step = build_workload(args.worker, solver)
-    times = time_units(step, args.warmup, args.repeats, synchronizer(solver.device))
+    times = time_units(step, args.warmup, args.repeats, synchronizer(solver.runtime.device))
     result = {"seconds": times, "seconds_median": statistics.median(times), "units_per_step": units,
               "rate": units / statistics.median(times),
               "rate_unit": RATE_UNITS.get(args.worker, "slices/s"),
-              "precision": "fp32" if reference or solver.autocast_dtype is None else "bf16 autocast",
+              "precision": "fp32" if reference or solver.runtime.autocast_dtype is None else "bf16 autocast",
               "peak_rss_bytes": max_rss_bytes(), "rss_before_workload_bytes": rss_before}
-    if solver.device.type == "cuda":
+    if solver.runtime.device.type == "cuda":
         # allocations of this workload only (the counter was reset before it was built)
-        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(solver.device)
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(solver.runtime.device)
         result["peak_memory_above_baseline_bytes"] = result["peak_memory_bytes"]
         result["peak_memory_kind"] = "torch.cuda.max_memory_allocated"
     else:

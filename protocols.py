@@ -1,0 +1,170 @@
+"""The three protocols, scored through scoring.py and written as CSV + JSON + plots (see run_layout.py):
+
+| protocol     | scored set (label 0 vs 1)                     | labels                 |
+| inductive    | test/neg vs test/pos                          | true, evaluation only  |
+| transductive | train/neg_mixed vs train/pos                  | true, evaluation only  |
+| aucp         | train/neg vs train/pos + train/neg_mixed      | none (label-free)      |
+
+Also the run of a protocol over every saved checkpoint; over AUCp it is the label-free checkpoint selection.
+"""
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+import checkpoint as ckpt
+import data_loader
+import metrics
+import run_layout
+import scoring
+import visualize
+from networks import load_for_scoring, resolve_iteration
+from training_log import start_neptune
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    title: str
+    metric: str  # what its ROC AUC is called
+    label_names: tuple  # (label 0, label 1) in plots and anomaly-map file names
+    pixel_metrics: bool  # pixel AUROC and best Dice where the dataset has ground-truth masks
+    label_free: bool  # no disease label used: --rho turns it into an AUC estimate; it selects checkpoints
+    healthy_reference: bool  # keeps the known-healthy patient scores (score mode's flag threshold)
+
+    @property
+    def sets(self):
+        """(folder, label) pairs it scores (data_loader.PROTOCOL_SETS)."""
+        return data_loader.PROTOCOL_SETS[self.name]
+
+
+PROTOCOLS = {p.name: p for p in (
+    Protocol("inductive", "Inductive", "AUC", ("healthy", "diseased"), pixel_metrics=True, label_free=False,
+             healthy_reference=False),
+    Protocol("transductive", "Transductive", "AUC", ("healthy", "diseased"), pixel_metrics=True, label_free=False,
+             healthy_reference=False),
+    Protocol("aucp", "AUCp", "AUCp", ("known healthy", "mixed set"), pixel_metrics=False, label_free=True,
+             healthy_reference=True),
+)}
+NEPTUNE_KEYS = ("auc", "average_precision", "sensitivity", "specificity", "threshold", "tn", "fp", "fn", "tp")
+
+
+def run_protocol(runtime, config, name, iteration):
+    """Score protocol NAME's sets with checkpoint ITER; write CSV, JSON and plots; return the JSON dict."""
+    started = time.time()
+    paths, labels = data_loader.protocol_slices(config.image_dir, name)
+    networks = load_for_scoring(runtime, config, iteration)
+    return score_protocol(runtime, networks, name, paths, labels, started)
+
+
+def score_protocol(runtime, networks, name, paths, labels, started):
+    """run_protocol with networks already loaded; networks.config names the data and result folders."""
+    protocol, c = PROTOCOLS[name], networks.config
+    iteration, reconstruction = networks.iteration, networks.reconstruction
+    out = run_layout.CheckpointResults(c.result_dir, iteration, reconstruction)
+    consumers = []
+    pixel_metrics = metrics.PixelMetrics() if protocol.pixel_metrics and data_loader.has_masks(c.image_dir) else None
+    if pixel_metrics is not None:
+        consumers.append(scoring.pixel_metrics_consumer(pixel_metrics, paths, c.image_dir, c.image_size))
+    if c.save_maps > 0:
+        consumers.append(scoring.anomaly_panels(paths, labels, protocol.label_names, out.protocol_maps(name),
+                                                c.save_maps, c.image_dir, c.image_size))
+    scores = scoring.score_slices(runtime, networks, paths, consumers)
+    patients = metrics.aggregate_patients([data_loader.patient_id(p) for p in paths], scores, labels)
+    result = {"protocol": name, "checkpoint": iteration, "reconstruction": reconstruction,
+              **metrics.evaluate(patients["label"], patients["score"]),
+              "n_patients": len(patients["pid"]), "n_slices": len(paths)}
+    result["threshold_note"] = "sensitivity = specificity point, fitted on these same labels (optimistic)"
+    if networks.refiner is not None:
+        result["ddim_steps"] = c.ddim_steps
+    if protocol.label_free:
+        result["labels_used"] = "none: known-healthy set = 0, whole mixed set = 1"
+        if c.rho is not None:
+            result["auc_estimate_from_rho"] = metrics.aucp_to_auc(result["auc"], c.rho)
+            result["rho"] = c.rho
+    if protocol.healthy_reference:
+        healthy = patients["score"][patients["label"] == 0]
+        run_layout.write_json({"checkpoint": iteration, "reconstruction": reconstruction,
+                               "percentile_95": metrics.healthy_percentile_threshold(healthy, 95),
+                               "healthy_patient_scores": healthy.tolist()}, out.healthy_reference)
+    if pixel_metrics is not None:
+        result.update(pixel_metrics.compute())
+    result["seconds"] = round(time.time() - started, 2)
+    run_layout.write_csv([{"pid": pid, "label": int(label), "n_slices": int(n), "score": f"{score:.6f}",
+                           "prediction": int(score >= result["threshold"])}
+                          for pid, label, n, score in zip(patients["pid"], patients["label"], patients["n_slices"],
+                                                          patients["score"])], out.protocol_csv(name))
+    run_layout.write_json(result, out.protocol_json(name))
+    title = f"{protocol.title} - checkpoint {iteration} ({reconstruction})"
+    visualize.save_roc_curve(patients["label"], patients["score"], out.roc_plot(name), title)
+    visualize.save_score_histogram(patients["label"], patients["score"], result["threshold"], out.score_plot(name),
+                                   title, label_names=protocol.label_names)
+    return result
+
+
+def test(runtime, config, name):
+    """--mode test_NAME: protocol NAME at --test_iters (an iteration, latest, or all checkpoints)."""
+    if config.test_iters == "all":
+        checkpoint_sweep(runtime, config, name)
+        return
+    result = run_protocol(runtime, config, name, resolve_iteration(config, config.test_iters))
+    if config.use_neptune:  # attach the metrics to the training run (--neptune_id) under --neptune_key
+        run = start_neptune(config)
+        prefix = config.neptune_key or f"Test_{PROTOCOLS[name].title}"
+        for key in NEPTUNE_KEYS:
+            run[f"{prefix}/{key}"] = result[key]
+        run.stop()
+    print_result(result, run_layout.CheckpointResults(config.result_dir, result["checkpoint"],
+                                                      result["reconstruction"]).folder)
+
+
+def checkpoint_sweep(runtime, config, name):
+    """Run a protocol for every saved checkpoint; a label-free one (AUCp) names the best (no labels involved)."""
+    protocol, c = PROTOCOLS[name], config
+    data_loader.protocol_slices(c.image_dir, name)  # fail on a missing folder before any scoring
+    iterations = ckpt.saved_iterations(c.model_save_dir, "G")
+    if not iterations:
+        raise ckpt.missing_checkpoint_error(c.model_save_dir, "all", "G", "no checkpoint saved yet")
+    table = []
+    for iteration in tqdm(iterations, desc=f"{name} over checkpoints", unit="ckpt"):
+        result = run_protocol(runtime, c, name, iteration)
+        table.append({"iteration": iteration, "reconstruction": result["reconstruction"],
+                      "auc": result["auc"], "n_patients": result["n_patients"]})
+    summary = {"protocol": name, "table": table}
+    print(f"\n{protocol.title} AUC by checkpoint")
+    print(f"{'iteration':>10}  {'reconstruction':>14}  {'AUC':>7}")
+    for row in table:
+        print(f"{row['iteration']:>10}  {row['reconstruction']:>14}  {row['auc']:7.4f}")
+    if protocol.label_free:
+        best = best_checkpoint(table)
+        summary["best_iteration"] = best
+        print(f"Best checkpoint by AUCp (no disease labels used): {best} "
+              f"(AUCp {max(row['auc'] for row in table):.4f})")
+    run_layout.write_json(summary, run_layout.sweep_table(c.result_dir, name, "json"))
+    run_layout.write_csv(table, run_layout.sweep_table(c.result_dir, name, "csv"))
+    return table
+
+
+def best_checkpoint(table):
+    """The iteration of the highest AUC in a checkpoint_sweep table (the first one on a tie)."""
+    return max(table, key=lambda row: row["auc"])["iteration"]
+
+
+def print_result(result, out_dir):
+    protocol = PROTOCOLS[result["protocol"]]
+    rows = [(protocol.metric, result["auc"]), ("average precision", result["average_precision"]),
+            ("sensitivity", result["sensitivity"]), ("specificity", result["specificity"]),
+            ("threshold (sens = spec)", result["threshold"])]
+    if "auc_estimate_from_rho" in result:
+        rows.append((f"AUC estimate (rho {result['rho']})", result["auc_estimate_from_rho"]))
+    for key in ("pixel_auroc", "best_dice"):
+        if key in result:
+            rows.append((key.replace("_", " "), result[key]))
+    print(f"\n{protocol.title} protocol, checkpoint {result['checkpoint']} "
+          f"({result['reconstruction']} reconstruction): {result['n_patients']} patients, "
+          f"{result['n_slices']} slices, {result['seconds']} s")
+    for label, value in rows:
+        print(f"  {label:<26} {value:.4f}")
+    print(f"Results written to {out_dir}")
+
+

@@ -1,0 +1,84 @@
+"""The run-folder layout, in one place (and the JSON/CSV writers of its files): written by the protocols and
+score mode, read by report.py.
+
+RUN_DIR/
+    models/   logs/   samples/                        (the default --model_save_dir, --log_dir, --sample_dir)
+    results/                                          (the default --result_dir)
+        ITER/{refined,coarse}/PROTOCOL.{json,csv}, PROTOCOL_roc.png, PROTOCOL_scores.png, maps_PROTOCOL/
+        ITER/{refined,coarse}/healthy_reference.json  (the AUCp run's known-healthy patient scores)
+        ITER/{refined,coarse}/scores_FOLDER.csv, maps_score_FOLDER/   (score mode)
+        aucp_selection.{json,csv}, inductive_by_iteration.{json,csv}, transductive_by_iteration.{json,csv}
+        learning_curve.png
+"""
+import csv
+import json
+import os
+
+# config key -> its default folder under --run_dir
+RUN_FOLDERS = {"log_dir": "logs", "model_save_dir": "models", "sample_dir": "samples", "result_dir": "results"}
+RECONSTRUCTIONS = ("refined", "coarse")
+# per protocol, the table of its run over every checkpoint (AUCp's is the label-free checkpoint selection)
+SWEEP_NAMES = {"inductive": "inductive_by_iteration", "transductive": "transductive_by_iteration",
+               "aucp": "aucp_selection"}
+
+
+def default_folder(run_dir, key):
+    return f"{run_dir}/{RUN_FOLDERS[key]}"
+
+
+def iteration_dir(result_dir, iteration):
+    return os.path.join(result_dir, str(iteration))
+
+
+def sweep_table(result_dir, protocol, extension):
+    return os.path.join(result_dir, f"{SWEEP_NAMES[protocol]}.{extension}")
+
+
+def learning_curve(result_dir):
+    return os.path.join(result_dir, "learning_curve.png")
+
+
+class CheckpointResults:
+    """The files of one checkpoint scored with one reconstruction (refined or coarse)."""
+
+    def __init__(self, result_dir, iteration, reconstruction):
+        self.folder = os.path.join(iteration_dir(result_dir, iteration), reconstruction)
+
+    def protocol_json(self, protocol):
+        return os.path.join(self.folder, f"{protocol}.json")
+
+    def protocol_csv(self, protocol):
+        return os.path.join(self.folder, f"{protocol}.csv")
+
+    def roc_plot(self, protocol):
+        return os.path.join(self.folder, f"{protocol}_roc.png")
+
+    def score_plot(self, protocol):
+        return os.path.join(self.folder, f"{protocol}_scores.png")
+
+    def protocol_maps(self, protocol):
+        return os.path.join(self.folder, f"maps_{protocol}")
+
+    @property
+    def healthy_reference(self):
+        return os.path.join(self.folder, "healthy_reference.json")
+
+    def folder_scores(self, tag):
+        return os.path.join(self.folder, f"scores_{tag}.csv")
+
+    def folder_maps(self, tag):
+        return os.path.join(self.folder, f"maps_score_{tag}")
+
+
+def write_json(payload, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+
+
+def write_csv(rows, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,186 @@
+"""Stage 1: the Brainomaly GAN. WGAN-GP with real = known-healthy H, fake = tanh(x_M + G(x_M)), plus identity
+L1 on H; checkpoints every --model_save_step (save_stage1 / restore_stage1 for an exact resume)."""
+import os
+
+import torch
+from tqdm import tqdm
+
+import checkpoint as ckpt
+import data_loader
+import visualize
+from errors import UserError
+from model import ARCHITECTURE_FLAGS, healthy_reconstruction
+from networks import build_stage1, model_path, refuse_to_overwrite, saved_config
+from run_layout import write_json
+from training_log import TrainingLogger
+
+
+def gradient_penalty(critic, real, fake, alpha):
+    """WGAN-GP: mean over samples of (||d critic(x~) / d x~||_2 - 1)^2 on x~ = alpha*real + (1-alpha)*fake."""
+    mixed = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
+    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def set_learning_rates(config, optimizers, iteration):
+    """Linear decay to 0 over the last num_iters_decay iterations, in steps of lr_update_step (off by default)."""
+    c = config
+    for optimizer, base_lr in optimizers:
+        lr = base_lr
+        if c.lr_decay:
+            stepped = (iteration // c.lr_update_step) * c.lr_update_step
+            lr = base_lr * min(1.0, max(0.0, (c.num_iters - stepped) / c.num_iters_decay))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+def save_stage1(config, iteration, generator, critic, g_optimizer, d_optimizer, streams, noise_generator):
+    saved = saved_config(config)
+    ckpt.atomic_save({"state_dict": critic.state_dict(), "config": saved, "iteration": iteration},
+                     model_path(config, iteration, "D"))
+    ckpt.atomic_save({"iteration": iteration, "g_optimizer": g_optimizer.state_dict(),
+                      "d_optimizer": d_optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                      "noise_generator": noise_generator.get_state(),
+                      "streams": [s.state_dict() for s in streams]}, model_path(config, iteration, "state"))
+    # G last: scoring treats ITER-G.ckpt as "checkpoint ITER exists".
+    ckpt.atomic_save({"state_dict": generator.state_dict(), "config": saved, "iteration": iteration},
+                     model_path(config, iteration, "G"))
+
+
+def resume_iteration(config):
+    """The checkpoint --resume_iters names ('latest': the newest with G, D and the training state)."""
+    model_dir = config.model_save_dir
+    if config.resume_iters == "latest":
+        saved = ckpt.saved_iterations(model_dir, "G", "D", "state")
+        if not saved:
+            raise ckpt.missing_checkpoint_error(model_dir, "latest", "state", "nothing to resume", "--resume_iters")
+        return saved[-1]
+    iteration = config.resume_iters
+    for part in ("G", "D", "state"):
+        if not os.path.isfile(model_path(config, iteration, part)):
+            raise ckpt.missing_checkpoint_error(model_dir, iteration, part, "needed to resume", "--resume_iters")
+    return iteration
+
+
+def restore_stage1(config, iteration, g_saved, generator, critic, g_optimizer, d_optimizer, streams,
+                   noise_generator):
+    generator.load_state_dict(g_saved["state_dict"])
+    critic.load_state_dict(ckpt.load(model_path(config, iteration, "D"))["state_dict"])
+    state = ckpt.load(model_path(config, iteration, "state"))
+    g_optimizer.load_state_dict(state["g_optimizer"])
+    d_optimizer.load_state_dict(state["d_optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    noise_generator.set_state(state["noise_generator"])
+    for stream, stream_state in zip(streams, state["streams"]):
+        stream.load_state_dict(stream_state)
+    print(f"Resumed stage 1 from iteration {iteration} in {config.model_save_dir}.")
+    return iteration
+
+
+def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_mixed, x_healthy, alpha,
+               update_generator):
+    """One stage-1 iteration: a critic update, and a generator update when update_generator. Returns losses."""
+    c = config
+    # =================== Train the critic =================== #
+    with runtime.autocast():
+        if update_generator:
+            # This pass's graph also serves the generator step below (the critic step does not change G;
+            # the reference runs G on x_M a second time there).
+            fake = healthy_reconstruction(x_mixed, generator(x_mixed))
+        else:
+            with torch.no_grad():  # the reference builds a graph here that it never uses
+                fake = healthy_reconstruction(x_mixed, generator(x_mixed))
+        d_loss_real = -critic(x_healthy).mean()
+        d_loss_fake = critic(fake.detach()).mean()
+        d_loss_gp = gradient_penalty(critic, x_healthy, fake, alpha)
+        d_loss = d_loss_real + d_loss_fake + c.lambda_gp * d_loss_gp
+    d_optimizer.zero_grad(set_to_none=True)
+    d_loss.backward()
+    d_optimizer.step()
+    losses = {"D/loss_real": d_loss_real, "D/loss_fake": d_loss_fake, "D/loss_gp": d_loss_gp, "D/loss": d_loss}
+
+    # =================== Train the generator =================== #
+    if update_generator:
+        critic.requires_grad_(False)  # no critic weight gradients needed here
+        g_optimizer.zero_grad(set_to_none=True)
+        # L_G = adversarial + lambda_id * identity is a sum: back-propagate the mixed half first, so its
+        # graph is freed before the healthy half's is built (half the activation memory, same gradients).
+        with runtime.autocast():
+            g_loss_fake = -critic(fake).mean()
+        g_loss_fake.backward()
+        with runtime.autocast():
+            g_loss_id = (healthy_reconstruction(x_healthy, generator(x_healthy)) - x_healthy).abs().mean()
+        (c.lambda_id * g_loss_id).backward()
+        g_optimizer.step()
+        critic.requires_grad_(True)
+        losses.update({"G/loss_fake": g_loss_fake, "G/loss_id": g_loss_id,
+                       "G/loss": g_loss_fake.detach() + c.lambda_id * g_loss_id.detach()})
+    return losses
+
+
+@torch.no_grad()
+def save_samples(runtime, config, generator, fixed_mixed, fixed_healthy, step):
+    columns = []
+    for x in (fixed_mixed, fixed_healthy):
+        x = x.to(runtime.device)
+        anomaly_map = generator(x).float()
+        columns += [x, anomaly_map, healthy_reconstruction(x, anomaly_map)]
+    visualize.save_sample_grid([col.cpu() for col in columns], os.path.join(config.sample_dir, f"{step}-images.png"))
+
+
+def train(runtime, config):
+    """Stage 1: WGAN-GP with real = known-healthy H, fake = tanh(x_M + G(x_M)), plus identity L1 on H."""
+    c = config
+    if c.resume_iters is not None:
+        # Build with the checkpoint's architecture before anything else.
+        resume_from = resume_iteration(c)
+        g_path = model_path(c, resume_from, "G")
+        g_saved = ckpt.load(g_path)
+        c = ckpt.reconciled_config(c, g_saved["config"], ARCHITECTURE_FLAGS, g_path)
+    else:
+        refuse_to_overwrite(c, "G", "resume it with --resume_iters latest")
+    data_loader.check_dataset(c.image_dir, c.batch_size)
+    mixed = data_loader.training_stream(data_loader.mixed_set_paths(c.image_dir), c.image_size,
+                                        c.batch_size, c.seed, c.preload, **runtime.loader_options)
+    healthy = data_loader.training_stream(data_loader.require_images(c.image_dir, data_loader.HEALTHY_FOLDER),
+                                          c.image_size, c.batch_size, c.seed + 1, c.preload, **runtime.loader_options)
+    generator, critic = build_stage1(runtime, c)
+    g_optimizer = torch.optim.Adam(generator.parameters(), c.g_lr, betas=(c.beta1, c.beta2))
+    d_optimizer = torch.optim.Adam(critic.parameters(), c.d_lr, betas=(c.beta1, c.beta2))
+    noise_generator = torch.Generator().manual_seed(c.seed + 2)  # gradient-penalty interpolation weights
+    start = 0
+    if c.resume_iters is not None:
+        start = restore_stage1(c, resume_from, g_saved, generator, critic, g_optimizer, d_optimizer,
+                               (mixed, healthy), noise_generator)
+    write_json(saved_config(c), os.path.join(c.model_save_dir, "config.json"))
+    fixed_mixed, fixed_healthy = (torch.stack([data_loader.load_slice(p, c.image_size) for p in paths[:8]])
+                                  for paths in (mixed.paths, healthy.paths))
+    # The critic stays eager: torch.compile cannot differentiate twice, which the gradient penalty needs.
+    train_generator, train_critic = runtime.compiled(generator), critic
+    logger = TrainingLogger(c, "stage1")
+    losses = {}
+    progress = tqdm(range(start, c.num_iters), initial=start, total=c.num_iters, desc="stage 1", unit="it")
+    for i in progress:
+        set_learning_rates(c, ((g_optimizer, c.g_lr), (d_optimizer, c.d_lr)), i)
+        x_mixed = next(mixed).to(runtime.device, non_blocking=True)
+        x_healthy = next(healthy).to(runtime.device, non_blocking=True)
+        update_generator = (i + 1) % c.n_critic == 0
+        alpha = torch.rand(c.batch_size, 1, 1, 1, generator=noise_generator).to(runtime.device)
+        losses.update(train_step(runtime, c, train_generator, train_critic, g_optimizer, d_optimizer,
+                                 x_mixed, x_healthy, alpha, update_generator))
+        d_loss, g_loss = losses["D/loss"], losses.get("G/loss")
+        if not torch.isfinite(d_loss) or (update_generator and not torch.isfinite(g_loss)):
+            last = ckpt.saved_iterations(c.model_save_dir, "G")
+            raise UserError(f"non-finite loss at iteration {i + 1} (D {d_loss.item():.4g}"
+                            + (f", G {g_loss.item():.4g}" if update_generator else "") + "). Training stopped; "
+                            f"the last good checkpoint is {last[-1] if last else 'none'} in {c.model_save_dir}.\n"
+                            f"Fix: lower --g_lr/--d_lr or raise --lambda_gp, then --resume_iters latest.")
+        step = i + 1
+        if step % c.log_step == 0 or step == c.num_iters:
+            logger.log({k: v.item() for k, v in losses.items() if not k.endswith("/loss")}, step, progress)
+        if step % c.sample_step == 0 or step == c.num_iters:
+            save_samples(runtime, c, generator, fixed_mixed, fixed_healthy, step)
+        if step % c.model_save_step == 0 or step == c.num_iters:
+            save_stage1(c, step, generator, critic, g_optimizer, d_optimizer, (mixed, healthy), noise_generator)
+    logger.close()
+    print(f"Stage 1 done: checkpoints in {c.model_save_dir}, samples in {c.sample_dir}.")

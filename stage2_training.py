@@ -1,0 +1,123 @@
+"""Stage 2: the residual diffusion refiner. On known-healthy slices only, with the stage-1 generator of
+checkpoint ITER frozen, learn p(r | x_c) for the residual r0 = x - x_c; checkpoints ITER-R (EMA weights, used
+to score) and ITER-R-state (save_stage2 / restore_stage2 for an exact resume)."""
+import os
+
+import torch
+from tqdm import tqdm
+
+import checkpoint as ckpt
+import data_loader
+from checkpoint import replace_config
+from diffusion_refiner import EMA
+from errors import UserError
+from model import healthy_reconstruction
+from networks import build_refiner, load_generator, model_path, resolve_iteration, saved_config
+from protocols import best_checkpoint, checkpoint_sweep
+from training_log import TrainingLogger
+
+
+def refine_from_iteration(runtime, config):
+    """Stage 2 refines the stage-1 checkpoint --refine_from, or the one AUCp picks (no labels)."""
+    if config.refine_from != "aucp":
+        return resolve_iteration(config, config.refine_from, flag="--refine_from")
+    # selection among stage-1 checkpoints scores x_c
+    return best_checkpoint(checkpoint_sweep(runtime, replace_config(config, refiner="off"), "aucp"))
+
+
+@torch.no_grad()
+def residual_std(runtime, generator, healthy, batches=8):
+    """Std of r0 = x - x_c over a few healthy batches (on resume the saved scale and stream state win)."""
+    residuals = []
+    for _ in range(batches):
+        x = next(healthy).to(runtime.device)
+        with runtime.autocast():
+            residuals.append((x - healthy_reconstruction(x, generator(x)).float()).flatten())
+    return float(torch.cat(residuals).std().clamp_min(1e-3))
+
+
+def refiner_step(runtime, generator, diffusion, optimizer, x, noise_generator):
+    """One stage-2 update on healthy slices x: the frozen G gives x_c, the refiner learns r0 = x - x_c."""
+    with torch.no_grad(), runtime.autocast():
+        coarse = healthy_reconstruction(x, generator(x)).float()
+    with runtime.autocast():
+        loss = diffusion.loss(x - coarse, coarse, generator=noise_generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def save_stage2(config, iteration, step, diffusion, ema, optimizer, stream, noise_generator):
+    """ITER-R-state (raw weights, EMA, optimiser, stream position, noise generator), then ITER-R (EMA weights)."""
+    saved = saved_config(config)
+    ckpt.atomic_save({"state_dict": diffusion.state_dict(), "ema": ema.state_dict(),
+                      "optimizer": optimizer.state_dict(), "noise_generator": noise_generator.get_state(),
+                      "stream": stream.state_dict(), "refiner_iteration": step, "config": saved},
+                     model_path(config, iteration, "R-state"))
+    # R last: scoring treats ITER-R.ckpt as "the refiner of ITER exists".
+    ckpt.atomic_save({"state_dict": ema.model.state_dict(), "config": saved, "refines": iteration,
+                      "refiner_iteration": step}, model_path(config, iteration, "R"))
+
+
+def restore_stage2(config, iteration, diffusion, ema, optimizer, stream, noise_generator):
+    """Load what save_stage2 wrote for ITER; returns the refiner iteration to continue from."""
+    state = ckpt.load(model_path(config, iteration, "R-state"))
+    diffusion.load_state_dict(state["state_dict"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    noise_generator.set_state(state["noise_generator"])
+    stream.load_state_dict(state["stream"])
+    start = state["refiner_iteration"]
+    print(f"Resumed stage 2 of checkpoint {iteration} from refiner iteration {start}.")
+    return start
+
+
+def train_refiner(runtime, config):
+    """Stage 2: on known-healthy slices only, learn p(r | x_c) for r0 = x - x_c with G frozen."""
+    c = config
+    if c.refiner_iters <= 0:
+        print("Stage 2 skipped (--refiner_iters 0): scoring uses the coarse reconstruction.")
+        return
+    data_loader.check_dataset(c.image_dir, c.refiner_batch_size, batch_flag="--refiner_batch_size")
+    iteration = refine_from_iteration(runtime, c)
+    generator, c, _ = load_generator(runtime, c, iteration)
+    r_path, state_path = model_path(c, iteration, "R"), model_path(c, iteration, "R-state")
+    resume = c.resume_iters is not None and os.path.isfile(state_path)
+    if os.path.isfile(r_path) and not resume:
+        raise UserError(f"{r_path} already exists; training stage 2 again would overwrite it.\n"
+                        f"Fix: continue it with --resume_iters latest, or delete {r_path} and {state_path}.")
+    healthy = data_loader.training_stream(data_loader.require_images(c.image_dir, data_loader.HEALTHY_FOLDER),
+                                          c.image_size, c.refiner_batch_size, c.seed + 3, c.preload,
+                                          **runtime.loader_options, batch_flag="--refiner_batch_size")
+    diffusion = build_refiner(runtime, c)
+    diffusion.residual_scale.fill_(residual_std(runtime, generator, healthy))
+    ema = EMA(diffusion, c.refiner_ema)
+    optimizer = torch.optim.Adam(diffusion.parameters(), c.refiner_lr)
+    noise_generator = torch.Generator(runtime.device).manual_seed(c.seed + 4)
+    start = 0
+    if resume:
+        start = restore_stage2(c, iteration, diffusion, ema, optimizer, healthy, noise_generator)
+    train_diffusion = runtime.compiled(diffusion)
+    logger = TrainingLogger(c, f"stage2-{iteration}")
+    progress = tqdm(range(start, c.refiner_iters), initial=start, total=c.refiner_iters,
+                    desc=f"stage 2 (refining G@{iteration})", unit="it")
+    for i in progress:
+        x = next(healthy).to(runtime.device, non_blocking=True)
+        loss = refiner_step(runtime, generator, train_diffusion, optimizer, x, noise_generator)
+        ema.update(diffusion)
+        if not torch.isfinite(loss):
+            raise UserError(f"non-finite refiner loss at stage-2 iteration {i + 1}; the last good refiner "
+                            f"checkpoint stays in {c.model_save_dir}.\nFix: lower --refiner_lr.")
+        step = i + 1
+        if step == start + 5 and c.refiner_iters > step:
+            rate = progress.format_dict["rate"] or 0
+            if rate:
+                print(f"stage 2: {c.refiner_iters} iterations, about "
+                      f"{(c.refiner_iters - step) / rate / 60:.1f} min at {rate:.2f} it/s")
+        if step % c.log_step == 0 or step == c.refiner_iters:
+            logger.log({"R/loss_diffusion": loss.item()}, step, progress)
+        if step % c.model_save_step == 0 or step == c.refiner_iters:
+            save_stage2(c, iteration, step, diffusion, ema, optimizer, healthy, noise_generator)
+    logger.close()
+    print(f"Stage 2 done: {r_path} refines {model_path(c, iteration, 'G')}.")
