@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from model import Discriminator, Generator, count_parameters, healthy_reconstruction
-from solver import gradient_penalty
+from stage1_training import gradient_penalty
 
 
 def test_reference_parameter_counts_with_three_channels():

@@ -43,6 +43,16 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+def test_protocol_scripts_print_their_usage_and_exit_2_without_name_and_iter(tmp_path):
+    for protocol in ("inductive", "transductive", "aucp"):
+        result = run(["bash", f"{REPO}/test_{protocol}.sh", "Toy"], str(tmp_path))
+        assert result.returncode == 2
+        assert result.stderr == (f"usage: bash test_{protocol}.sh NAME ITER [main.py flags]   "
+                                 f"(ITER: an iteration, latest or all)\n")
+    unknown = run(["bash", f"{REPO}/test_protocol.sh", "pixel", "Toy", "10"], str(tmp_path))
+    assert unknown.returncode == 2 and unknown.stderr.startswith("usage: bash test_protocol.sh PROTOCOL NAME ITER")
+
+
 def test_shell_scripts_train_and_run_the_three_protocols(toy_dataset, tmp_path):
     work = str(tmp_path)  # train.sh NAME reads data/NAME and writes runs/NAME relative to the current folder
     train = run(["bash", f"{REPO}/train.sh", "Toy", *TINY_FLAGS, "--num_iters", "6", "--model_save_step", "3",

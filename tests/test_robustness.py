@@ -10,6 +10,7 @@ import torch
 
 import main
 from conftest import TINY_FLAGS
+from errors import UserError, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,6 +55,31 @@ def test_patient_in_two_folders_and_too_small_batch_are_refused(toy_dataset, cap
     err = capsys.readouterr().err
     assert "patient id 'hea0' has slices in" in err
     assert "for a batch of 64" in err
+
+
+def test_too_small_batch_names_the_flag_of_the_stage_that_batches(toy_dataset, tmp_path, capsys):
+    # 6 patients x 3 slices = 18 known-healthy slices: enough for stage 1's --batch_size 4, not for 32.
+    run_dir = str(tmp_path / "run")
+    stage2 = ["--mode", "train_refiner", "--image_dir", toy_dataset, "--run_dir", run_dir, *TINY_FLAGS]
+    assert main.main([*stage2, "--refiner_batch_size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "only 18 slices in" in err and "for a batch of 32: add slices or lower --refiner_batch_size." in err
+    assert main.main(train_args(toy_dataset, run_dir, "--batch_size", "32")) == 2
+    assert "for a batch of 32: add slices or lower --batch_size." in capsys.readouterr().err
+    assert not os.path.exists(run_dir)
+
+
+def test_missing_resume_checkpoint_names_resume_iters(toy_dataset, tmp_path, capsys):
+    assert main.main(train_args(toy_dataset, str(tmp_path / "run"), "--resume_iters", "5")) == 2
+    assert "Fix: pass one of them as --resume_iters, or train first" in capsys.readouterr().err
+
+
+def test_run_cli_prints_a_user_error_and_returns_2(capsys):
+    def fails(argv):
+        raise UserError(f"missing folder {argv[0]}.\nFix: create it.")
+    assert run_cli(fails, ["data/X"]) == 2
+    assert capsys.readouterr().err == "error: missing folder data/X.\nFix: create it.\n"
+    assert run_cli(lambda argv: 0, []) == 0
 
 
 def test_resume_gives_the_same_weights_as_one_run(toy_dataset, tmp_path):

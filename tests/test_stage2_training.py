@@ -1,0 +1,55 @@
+"""Stage 2's checkpoint pair: save_stage2 then restore_stage2 gives back the exact training state."""
+import os
+
+import torch
+
+import data_loader
+from conftest import TINY_FLAGS
+from diffusion_refiner import EMA
+from main import parse_config
+from networks import build_refiner, model_path
+from solver import Runtime
+from stage2_training import refiner_step, restore_stage2, save_stage2
+
+
+def stage2_state(config, runtime, seed):
+    """A refiner, its EMA, optimiser, healthy stream and noise generator, trained a few steps from `seed`."""
+    torch.manual_seed(seed)
+    diffusion = build_refiner(runtime, config)
+    ema = EMA(diffusion, config.refiner_ema)
+    optimizer = torch.optim.Adam(diffusion.parameters(), config.refiner_lr)
+    stream = data_loader.training_stream(data_loader.require_images(config.image_dir, data_loader.HEALTHY_FOLDER),
+                                         config.image_size, config.refiner_batch_size, seed, "on")
+    noise_generator = torch.Generator().manual_seed(seed)
+    generator = lambda x: torch.zeros_like(x)  # noqa: E731  a frozen G whose x_c is tanh(x)
+    for _ in range(seed):
+        refiner_step(runtime, generator, diffusion, optimizer, next(stream), noise_generator)
+        ema.update(diffusion)
+    return diffusion, ema, optimizer, stream, noise_generator
+
+
+def test_stage2_checkpoint_round_trip_restores_weights_ema_optimiser_stream_and_noise(toy_dataset, tmp_path):
+    config = parse_config(["--image_dir", toy_dataset, "--run_dir", str(tmp_path / "run"), *TINY_FLAGS])
+    runtime = Runtime(config)
+    saved = stage2_state(config, runtime, seed=3)
+    save_stage2(config, 40, 7, *saved)
+    assert os.path.isfile(model_path(config, 40, "R")) and os.path.isfile(model_path(config, 40, "R-state"))
+
+    restored = stage2_state(config, runtime, seed=1)  # another state, overwritten by the restore
+    assert restore_stage2(config, 40, *restored) == 7
+    (diffusion, ema, optimizer, stream, noise), (diffusion2, ema2, optimizer2, stream2, noise2) = saved, restored
+    for name, value in diffusion.state_dict().items():
+        assert torch.equal(value, diffusion2.state_dict()[name]), name
+    for name, value in ema.model.state_dict().items():
+        assert torch.equal(value, ema2.model.state_dict()[name]), name
+    assert ema2.num_updates == ema.num_updates == 3
+    state, state2 = optimizer.state_dict()["state"], optimizer2.state_dict()["state"]
+    assert state.keys() == state2.keys() and all(torch.equal(state[k]["exp_avg"], state2[k]["exp_avg"]) for k in state)
+    assert torch.equal(next(stream2), next(stream))  # same position in the same shuffled order
+    assert torch.equal(torch.randn(4, generator=noise2), torch.randn(4, generator=noise))
+
+    # ITER-R holds the EMA weights (what scoring loads), and names the stage-1 checkpoint it refines.
+    scoring_checkpoint = torch.load(model_path(config, 40, "R"), weights_only=True)
+    assert scoring_checkpoint["refines"] == 40 and scoring_checkpoint["refiner_iteration"] == 7
+    for name, value in ema.model.state_dict().items():
+        assert torch.equal(scoring_checkpoint["state_dict"][name], value), name
