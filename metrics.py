@@ -1,7 +1,7 @@
 """Metrics shared by every model and every protocol: patient aggregation, AUC, the threshold rule, pixel metrics.
 
 Scores are "higher means more diseased"; label 1 is diseased (or pseudo-positive for AUCp), 0 is healthy.
-Nothing here knows about networks: the Solver hands in numbers and gets numbers back.
+Nothing here knows about networks: scoring and the protocols hand in numbers and get numbers back.
 """
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
