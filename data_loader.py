@@ -221,6 +221,15 @@ def mixed_set_paths(root):
     return [p for folder in MIXED_FOLDERS for p in require_images(root, folder)]
 
 
+def hold_out_patients(paths, fraction, seed):
+    """(kept, held_out) slice paths: a seeded `fraction` of the patients (at least one, never all) held out whole,
+    so no slice of a held-out patient is trained on. One patient only: nothing is held out."""
+    patients = sorted({patient_id(p) for p in paths})
+    n_held = min(len(patients) - 1, max(1, round(fraction * len(patients)))) if fraction > 0 else 0
+    held = {patients[i] for i in np.random.default_rng(seed).permutation(len(patients))[:n_held]}
+    return [p for p in paths if patient_id(p) not in held], [p for p in paths if patient_id(p) in held]
+
+
 def training_stream(paths, image_size, batch_size, seed, preload="auto", num_workers=0, pin_memory=False,
                     batch_flag="--batch_size"):
     """An endless batch stream over `paths`: the mixed set M and the healthy set H each get their own.

@@ -4,7 +4,6 @@ On healthy slices the residual r0 = x - x_c is what the frozen GAN gets wrong. T
 with a DDPM objective (cosine schedule, v-prediction) and samples r_hat with deterministic DDIM (eta = 0).
 It never sees the raw input x, so it cannot learn the identity and wash anomalies away.
 """
-import copy
 import math
 
 import torch
@@ -256,37 +255,3 @@ class ResidualDiffusion(nn.Module):
     @torch.no_grad()
     def refine(self, coarse, steps=10, generator=None, noise=None):
         return (coarse + self.sample_residual(coarse, steps, generator, noise)).clamp(-1, 1)
-
-
-class EMA:
-    """Exponential moving average of a module's parameters (buffers copied), used for inference.
-
-    The decay warms up as min(decay, (1 + n) / (10 + n)) so short runs are not dominated by the initial weights.
-    """
-
-    def __init__(self, model, decay=0.999):
-        self.decay = decay
-        self.num_updates = 0
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model):
-        self.num_updates += 1
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        ema_params, params = dict(self.model.named_parameters()), dict(model.named_parameters())
-        assert ema_params.keys() == params.keys(), "EMA.update got a module with different parameters"
-        for name, p in params.items():
-            ema_params[name].lerp_(p.detach(), 1 - decay)
-        for ema_b, b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(b)
-
-    def state_dict(self):
-        return {"model": self.model.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
-
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state["model"])
-        self.num_updates = int(state["num_updates"])
-        self.decay = float(state["decay"])
-
-    def copy_to(self, model):
-        model.load_state_dict(self.model.state_dict())

@@ -73,6 +73,9 @@ def build_parser():
                    help="resume training from this checkpoint iteration, or 'latest'")
     t.add_argument("--preload", choices=("auto", "on", "off"), default="auto",
                    help="hold decoded training slices in memory (auto: when they fit in 3 GiB)")
+    t.add_argument("--g_ema", type=float, default=0.999,
+                   help="decay of the exponential moving average of G's weights that checkpoints hold and scoring and "
+                        "the AUCp selection use (0: off, the raw G as in the reference)")
     t.add_argument("--seed", type=int, default=0, help="random seed (a CPU run is repeatable)")
 
     r = p.add_argument_group("refiner (stage 2: residual diffusion)")
@@ -83,6 +86,9 @@ def build_parser():
     r.add_argument("--refine_from", type=iteration_or_keyword("aucp"), default="aucp",
                    help="stage-1 checkpoint the refiner refines: an iteration, or 'aucp' to pick it by AUCp")
     r.add_argument("--refiner_batch_size", type=int, default=16, help="known-healthy slices per refiner batch")
+    r.add_argument("--refiner_holdout", type=float, default=0.2,
+                   help="share of known-healthy patients held out of refiner training: stage 2 ends by checking, "
+                        "without labels, that the refiner lowers their reconstruction error")
     r.add_argument("--refiner_lr", type=float, default=2e-4, help="refiner Adam learning rate")
     r.add_argument("--refiner_ema", type=float, default=0.999, help="EMA decay of the refiner weights used to score")
     r.add_argument("--refiner_dim", type=int, default=64, help="refiner UNet base width")
@@ -91,7 +97,11 @@ def build_parser():
     r.add_argument("--refiner_attn_levels", type=int, default=2, help="self-attention at this many lowest resolutions")
     r.add_argument("--refiner_heads", type=int, default=4, help="attention heads")
     r.add_argument("--diffusion_steps", type=int, default=1000, help="training timesteps T (cosine schedule)")
-    r.add_argument("--ddim_steps", type=int, default=10, help="deterministic DDIM steps at scoring")
+    r.add_argument("--ddim_steps", type=int, default=10,
+                   help="deterministic DDIM (eta 0) steps per refiner sample at scoring; 1 = one x0-prediction from "
+                        "t = T-1, the posterior-mean estimate of the residual")
+    r.add_argument("--refiner_samples", type=int, default=1,
+                   help="refiner samples averaged per slice at scoring (each from its own seeded start noise)")
 
     e = p.add_argument_group("testing and scoring")
     e.add_argument("--test_iters", type=iteration_or_keyword("all", "latest"), default=150000,

@@ -66,7 +66,8 @@ def load_generator(runtime, config, iteration):
 
 def load_refiner(runtime, config, iteration):
     """(refiner of checkpoint ITER per --refiner: None to score with x_c, or the EMA refiner in eval mode;
-    config with its architecture)."""
+    config with its architecture). auto also scores with x_c when stage 2's held-out check found that the
+    refiner does not help."""
     path = model_path(config, iteration, "R")
     choice = config.refiner
     if choice == "off" or (choice == "auto" and not os.path.isfile(path)):
@@ -76,9 +77,16 @@ def load_refiner(runtime, config, iteration):
                         f"Fix: train stage 2 for it (python main.py --mode train_refiner --refine_from "
                         f"{iteration} ...), or score without it (--refiner off).")
     saved = ckpt.load(path)
+    check = saved.get("holdout_check")
+    if choice == "auto" and check is not None and not check["refiner_helps"]:
+        print(f"WARNING: the refiner of checkpoint {iteration} did not lower the reconstruction error of held-out "
+              f"known-healthy slices ({check['refined_error']:.5f} vs {check['coarse_error']:.5f} with x_c), so "
+              f"--refiner auto scores with the coarse reconstruction x_c. --refiner on forces the refiner.")
+        return None, config
     config = ckpt.reconciled_config(config, saved["config"], REFINER_ARCHITECTURE_FLAGS, path)
     diffusion = build_refiner(runtime, config)
     diffusion.load_state_dict(saved["state_dict"])
+    diffusion.holdout_check = check  # reported beside the protocol results
     return diffusion.eval().requires_grad_(False), config
 
 

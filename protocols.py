@@ -7,6 +7,8 @@
 
 Also the run of a protocol over every saved checkpoint; over AUCp it is the label-free checkpoint selection.
 """
+import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ import metrics
 import run_layout
 import scoring
 import visualize
+from checkpoint import replace_config
 from networks import load_for_scoring, resolve_iteration
 from training_log import start_neptune
 
@@ -66,9 +69,14 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     pixel_metrics = metrics.PixelMetrics() if protocol.pixel_metrics and data_loader.has_masks(c.image_dir) else None
     if pixel_metrics is not None:
         consumers.append(scoring.pixel_metrics_consumer(pixel_metrics, paths, c.image_dir, c.image_size))
+    panels = None
     if c.save_maps > 0:
-        consumers.append(scoring.anomaly_panels(paths, labels, protocol.label_names, out.protocol_maps(name),
-                                                c.save_maps, c.image_dir, c.image_size))
+        panels = scoring.AnomalyPanels(paths, labels, protocol.label_names, out.protocol_maps(name), c.save_maps,
+                                       c.image_dir, c.image_size)
+        consumers.append(panels)
+    healthy_maps = scoring.HealthyMapScale(labels) if protocol.healthy_reference else None
+    if healthy_maps is not None:
+        consumers.append(healthy_maps)
     scores = scoring.score_slices(runtime, networks, paths, consumers)
     patients = metrics.aggregate_patients([data_loader.patient_id(p) for p in paths], scores, labels)
     result = {"protocol": name, "checkpoint": iteration, "reconstruction": reconstruction,
@@ -76,7 +84,8 @@ def score_protocol(runtime, networks, name, paths, labels, started):
               "n_patients": len(patients["pid"]), "n_slices": len(paths)}
     result["threshold_note"] = "sensitivity = specificity point, fitted on these same labels (optimistic)"
     if networks.refiner is not None:
-        result["ddim_steps"] = c.ddim_steps
+        result.update(ddim_steps=c.ddim_steps, refiner_samples=c.refiner_samples,
+                      refiner_holdout_check=getattr(networks.refiner, "holdout_check", None))
     if protocol.label_free:
         result["labels_used"] = "none: known-healthy set = 0, whole mixed set = 1"
         if c.rho is not None:
@@ -86,7 +95,10 @@ def score_protocol(runtime, networks, name, paths, labels, started):
         healthy = patients["score"][patients["label"] == 0]
         run_layout.write_json({"checkpoint": iteration, "reconstruction": reconstruction,
                                "percentile_95": metrics.healthy_percentile_threshold(healthy, 95),
-                               "healthy_patient_scores": healthy.tolist()}, out.healthy_reference)
+                               "map_scale": healthy_maps.scale(), "healthy_patient_scores": healthy.tolist()},
+                              out.healthy_reference)
+    if panels is not None:
+        panels.write(known_healthy_reference(runtime, networks)["map_scale"])
     if pixel_metrics is not None:
         result.update(pixel_metrics.compute())
     result["seconds"] = round(time.time() - started, 2)
@@ -100,6 +112,23 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     visualize.save_score_histogram(patients["label"], patients["score"], result["threshold"], out.score_plot(name),
                                    title, label_names=protocol.label_names)
     return result
+
+
+def known_healthy_reference(runtime, networks):
+    """The AUCp run's known-healthy reference of these networks (patient scores: score mode's flag threshold;
+    map_scale: the top of every anomaly panel's colour scale); the AUCp protocol is run once if it has not been."""
+    c = networks.config
+    reference = run_layout.CheckpointResults(c.result_dir, networks.iteration, networks.reconstruction).healthy_reference
+    if not os.path.isfile(reference):
+        training_dir = networks.training_config.get("image_dir", c.image_dir)
+        print(f"No known-healthy reference for checkpoint {networks.iteration} ({networks.reconstruction}) yet: "
+              f"scoring {training_dir}/train/neg and the mixed set once (the AUCp protocol).")
+        started = time.time()
+        paths, labels = data_loader.protocol_slices(training_dir, "aucp")
+        reference_networks = networks._replace(config=replace_config(c, image_dir=training_dir, save_maps=0))
+        score_protocol(runtime, reference_networks, "aucp", paths, labels, started)
+    with open(reference) as f:
+        return json.load(f)
 
 
 def test(runtime, config, name):

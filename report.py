@@ -49,19 +49,26 @@ def print_table(rows):
         print(f"{name:<40} {cells[0]:>10} {cells[1]:>13} {cells[2]:>7} {cells[3]:>12} {cells[4]:>10}")
 
 
-def learning_curve(run_dir):
-    """Plot AUCp (label-free) and inductive AUC of every stage-1 checkpoint, when both tables exist."""
+def learning_curve(run_dir, iteration=None):
+    """Plot AUCp (label-free) and inductive AUC of every stage-1 checkpoint (coarse x_c), with the refined
+    reconstruction's values at the checkpoint stage 2 refined (ITER), when the sweeps exist."""
     result_dir = run_layout.default_folder(run_dir, "result_dir")
-    aucp = read_json(run_layout.sweep_table(result_dir, "aucp", "json"))
-    inductive = read_json(run_layout.sweep_table(result_dir, "inductive", "json"))
-    if not aucp or not inductive:
+    sweeps = {name: read_json(run_layout.sweep_table(result_dir, name, "json")) for name in ("aucp", "inductive")}
+    if not sweeps["aucp"]:
         return None
-    by_iteration = {row["iteration"]: row["auc"] for row in inductive["table"] if row["reconstruction"] == "coarse"}
-    iterations = [row["iteration"] for row in aucp["table"]]
+    iterations = [row["iteration"] for row in sweeps["aucp"]["table"]]
+    curves = {}
+    for name, label in (("aucp", "AUCp (no labels)"), ("inductive", "inductive AUC")):
+        if sweeps[name]:
+            coarse = {row["iteration"]: row["auc"] for row in sweeps[name]["table"] if row["reconstruction"] == "coarse"}
+            curves[f"{label}, coarse"] = [coarse.get(i) for i in iterations]
+        if iteration is not None:
+            refined = read_json(run_layout.CheckpointResults(result_dir, iteration, "refined").protocol_json(name))
+            if refined:
+                curves[f"{label}, refined"] = [refined["auc"] if i == iteration else None for i in iterations]
     path = run_layout.learning_curve(result_dir)
-    visualize.save_learning_curve(iterations, {"AUCp (no labels)": [row["auc"] for row in aucp["table"]],
-                                               "inductive AUC (coarse)": [by_iteration.get(i) for i in iterations]},
-                                  path, "Stage 1: AUCp and inductive AUC by checkpoint")
+    visualize.save_learning_curve(iterations, curves, path, "AUCp and inductive AUC by stage-1 checkpoint "
+                                  "(refined: the checkpoint stage 2 refined)")
     return path
 
 
@@ -73,7 +80,7 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=None, help="wall time to print")
     args = parser.parse_args(argv)
     print_table(summary_rows(args.image_dir, args.run_dir, args.iteration))
-    curve = learning_curve(args.run_dir)
+    curve = learning_curve(args.run_dir, args.iteration)
     results = run_layout.iteration_dir(run_layout.default_folder(args.run_dir, "result_dir"), args.iteration)
     print(f"\nPlots, CSVs and JSONs: {results}/{{{','.join(run_layout.RECONSTRUCTIONS)}}}/")
     print(f"Anomaly maps: {results}/refined/maps_*/")

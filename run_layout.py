@@ -6,6 +6,7 @@ RUN_DIR/
     results/                                          (the default --result_dir)
         ITER/{refined,coarse}/PROTOCOL.{json,csv}, PROTOCOL_roc.png, PROTOCOL_scores.png, maps_PROTOCOL/
         ITER/{refined,coarse}/healthy_reference.json  (the AUCp run's known-healthy patient scores)
+        ITER/refiner_check.json                       (stage 2's check on held-out known-healthy slices)
         ITER/{refined,coarse}/scores_FOLDER.csv, maps_score_FOLDER/   (score mode)
         aucp_selection.{json,csv}, inductive_by_iteration.{json,csv}, transductive_by_iteration.{json,csv}
         learning_curve.png
@@ -32,6 +33,11 @@ def iteration_dir(result_dir, iteration):
 
 def sweep_table(result_dir, protocol, extension):
     return os.path.join(result_dir, f"{SWEEP_NAMES[protocol]}.{extension}")
+
+
+def refiner_check(result_dir, iteration):
+    """Stage 2's label-free check on held-out known-healthy slices (also inside ITER-R.ckpt)."""
+    return os.path.join(iteration_dir(result_dir, iteration), "refiner_check.json")
 
 
 def learning_curve(result_dir):

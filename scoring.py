@@ -3,7 +3,7 @@ x_c = tanh(x + G(x)), refined x_r = x_c + r_hat when a refiner is loaded), its a
 its slice score, the map's mean, in [0, 1].
 
 scored_batches yields what scoring computes, batch by batch; score_slices collects the slice scores and hands
-each batch to consumers, such as pixel_metrics_consumer and anomaly_panels below.
+each batch to consumers, such as pixel_metrics_consumer, HealthyMapScale and AnomalyPanels below.
 """
 import os
 import zlib
@@ -25,13 +25,17 @@ def slice_noise(paths, shape, seed):
         seed * 1_000_003 + zlib.crc32(os.path.basename(p).encode()))) for p in paths])
 
 
-def reconstruct(runtime, config, x, generator, refiner=None, noise=None):
-    """(coarse x_c = tanh(x + G(x)), refined x_r or None); noise = the refiner's DDIM start noise."""
+def reconstruct(runtime, config, x, generator, refiner=None, noises=()):
+    """(coarse x_c = tanh(x + G(x)), refined x_r or None). The refiner's residual is the mean of one DDIM sample
+    per start noise in `noises` (--refiner_samples): with --ddim_steps 1 each is the one-step x0-prediction
+    from t = T-1, the posterior-mean estimate E[r | x_c]; more samples or steps trade time for detail."""
     with runtime.autocast():
         coarse = healthy_reconstruction(x, generator(x)).float()
         if refiner is None:
             return coarse, None
-        return coarse, refiner.refine(coarse, config.ddim_steps, noise=noise.to(x.device)).float()
+        residual = sum(refiner.sample_residual(coarse, config.ddim_steps, noise=noise.to(x.device))
+                       for noise in noises) / len(noises)
+        return coarse, (coarse + residual).clamp(-1, 1).float()
 
 
 class ScoredBatch(NamedTuple):
@@ -50,8 +54,10 @@ def scored_batches(runtime, networks, paths):
     loader = data_loader.scoring_loader(paths, c.image_size, c.score_batch_size, **runtime.loader_options)
     for x, index in tqdm(loader, desc="scoring", unit="batch", leave=False):
         x = x.to(runtime.device, non_blocking=True)
-        noise = None if networks.refiner is None else slice_noise([paths[i] for i in index], x.shape[1:], c.seed)
-        coarse, refined = reconstruct(runtime, c, x, networks.generator, networks.refiner, noise)
+        names = [paths[i] for i in index]
+        noises = () if networks.refiner is None else [slice_noise(names, x.shape[1:], c.seed + k)
+                                                      for k in range(c.refiner_samples)]
+        coarse, refined = reconstruct(runtime, c, x, networks.generator, networks.refiner, noises)
         reconstruction = coarse if refined is None else refined
         anomaly_map = (x - reconstruction).abs().mean(dim=1) / 2
         yield ScoredBatch(index.numpy(), x, coarse, refined, anomaly_map,
@@ -79,24 +85,61 @@ def pixel_metrics_consumer(pixel_metrics, paths, image_dir, image_size):
     return consume
 
 
-def anomaly_panels(paths, labels, label_names, maps_dir, per_class, image_dir, image_size):
-    """Writes an anomaly-map panel for the first `per_class` slices of each label (labels None: of all)."""
-    by_label = {}
-    for index, label in enumerate(labels if labels is not None else [None] * len(paths)):
-        by_label.setdefault(label, []).append(index)
-    to_save = {i for indices in by_label.values() for i in indices[:per_class]}
+HEAD_LEVEL = -0.96  # input above this is head, not the black background (2% of the [-1, 1] range)
+MAP_SCALE_PERCENTILE = 99.0
 
-    def consume(batch):
+
+class HealthyMapScale:
+    """Consumer: a histogram of the anomaly-map values inside the head over the slices labelled 0 (the known-healthy
+    set in AUCp); `scale()` is their 99th percentile, the top of the colour scale of every panel of the run."""
+
+    bins = 4096
+
+    def __init__(self, labels):
+        self.is_healthy = np.asarray(labels) == 0
+        self.histogram = np.zeros(self.bins, dtype=np.int64)
+
+    def __call__(self, batch):
+        rows = self.is_healthy[batch.index]
+        if rows.any():
+            head = batch.x[rows].mean(dim=1) > HEAD_LEVEL
+            values = batch.anomaly_map[rows][head].float().clamp(0, 1).cpu().numpy()
+            self.histogram += np.histogram(values, bins=self.bins, range=(0, 1))[0]
+
+    def scale(self):
+        cumulative = np.cumsum(self.histogram)
+        if cumulative[-1] == 0:
+            return 1.0
+        upper = np.searchsorted(cumulative, MAP_SCALE_PERCENTILE / 100 * cumulative[-1]) + 1
+        return float(max(upper / self.bins, 1 / self.bins))
+
+
+class AnomalyPanels:
+    """Consumer: keeps the first `per_class` slices of each label (labels None: of all); `write(map_scale)` then
+    draws their panels, once the run's colour scale is known."""
+
+    def __init__(self, paths, labels, label_names, maps_dir, per_class, image_dir, image_size):
+        self.paths, self.labels, self.label_names = paths, labels, label_names
+        self.maps_dir, self.image_dir, self.image_size = maps_dir, image_dir, image_size
+        by_label = {}
+        for index, label in enumerate(labels if labels is not None else [None] * len(paths)):
+            by_label.setdefault(label, []).append(index)
+        self.to_save = {i for indices in by_label.values() for i in indices[:per_class]}
+        self.kept = []
+
+    def __call__(self, batch):
         for row, i in enumerate(batch.index.tolist()):
-            if i not in to_save:
-                continue
-            masks = data_loader.ground_truth_masks(image_dir, paths[i], image_size)
-            name = os.path.splitext(os.path.basename(paths[i]))[0]
-            prefix = "" if labels is None else f"{label_names[labels[i]].replace(' ', '_')}_"
+            if i in self.to_save:
+                self.kept.append((i, batch.x[row, 0].cpu().numpy(), batch.coarse[row, 0].cpu().numpy(),
+                                  None if batch.refined is None else batch.refined[row, 0].cpu().numpy(),
+                                  batch.anomaly_map[row].cpu().numpy(), batch.scores[row]))
+
+    def write(self, map_scale):
+        for i, x, coarse, refined, anomaly_map, score in self.kept:
+            masks = data_loader.ground_truth_masks(self.image_dir, self.paths[i], self.image_size)
+            name = os.path.splitext(os.path.basename(self.paths[i]))[0]
+            prefix = "" if self.labels is None else f"{self.label_names[self.labels[i]].replace(' ', '_')}_"
             visualize.save_anomaly_panel(
-                batch.x[row, 0].cpu().numpy(), batch.coarse[row, 0].cpu().numpy(),
-                batch.anomaly_map[row].cpu().numpy(), os.path.join(maps_dir, f"{prefix}{name}.png"),
-                title=f"{os.path.basename(paths[i])}  score {batch.scores[row]:.4f}",
-                refined=None if batch.refined is None else batch.refined[row, 0].cpu().numpy(),
-                mask=None if masks is None else masks[0])
-    return consume
+                x, coarse, anomaly_map, os.path.join(self.maps_dir, f"{prefix}{name}.png"),
+                title=f"{os.path.basename(self.paths[i])}  score {score:.4f}", refined=refined,
+                mask=None if masks is None else masks[0], map_scale=map_scale)

@@ -1,5 +1,9 @@
 """Stage 1: the Brainomaly GAN. WGAN-GP with real = known-healthy H, fake = tanh(x_M + G(x_M)), plus identity
-L1 on H; checkpoints every --model_save_step (save_stage1 / restore_stage1 for an exact resume)."""
+L1 on H; checkpoints every --model_save_step (save_stage1 / restore_stage1 for an exact resume).
+
+ITER-G.ckpt holds the generator that scoring and the AUCp selection use: the exponential moving average of
+G's weights (--g_ema, the standard GAN practice: the raw G swings between checkpoints), or the raw G with
+--g_ema 0. The raw G, which keeps training, is in ITER-state.ckpt."""
 import os
 
 import torch
@@ -8,6 +12,7 @@ from tqdm import tqdm
 import checkpoint as ckpt
 import data_loader
 import visualize
+from ema import EMA
 from errors import UserError
 from model import ARCHITECTURE_FLAGS, healthy_reconstruction
 from networks import build_stage1, model_path, refuse_to_overwrite, saved_config
@@ -34,17 +39,20 @@ def set_learning_rates(config, optimizers, iteration):
             group["lr"] = lr
 
 
-def save_stage1(config, iteration, generator, critic, g_optimizer, d_optimizer, streams, noise_generator):
+def save_stage1(config, iteration, generator, g_ema, critic, g_optimizer, d_optimizer, streams, noise_generator):
     saved = saved_config(config)
     ckpt.atomic_save({"state_dict": critic.state_dict(), "config": saved, "iteration": iteration},
                      model_path(config, iteration, "D"))
     ckpt.atomic_save({"iteration": iteration, "g_optimizer": g_optimizer.state_dict(),
                       "d_optimizer": d_optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                       "noise_generator": noise_generator.get_state(),
-                      "streams": [s.state_dict() for s in streams]}, model_path(config, iteration, "state"))
+                      "streams": [s.state_dict() for s in streams], "generator": generator.state_dict(),
+                      "g_ema_updates": None if g_ema is None else g_ema.num_updates},
+                     model_path(config, iteration, "state"))
     # G last: scoring treats ITER-G.ckpt as "checkpoint ITER exists".
-    ckpt.atomic_save({"state_dict": generator.state_dict(), "config": saved, "iteration": iteration},
-                     model_path(config, iteration, "G"))
+    scored = generator if g_ema is None else g_ema.model
+    ckpt.atomic_save({"state_dict": scored.state_dict(), "config": saved, "iteration": iteration,
+                      "weights": "raw" if g_ema is None else f"ema {g_ema.decay}"}, model_path(config, iteration, "G"))
 
 
 def resume_iteration(config):
@@ -62,11 +70,15 @@ def resume_iteration(config):
     return iteration
 
 
-def restore_stage1(config, iteration, g_saved, generator, critic, g_optimizer, d_optimizer, streams,
+def restore_stage1(config, iteration, g_saved, generator, g_ema, critic, g_optimizer, d_optimizer, streams,
                    noise_generator):
-    generator.load_state_dict(g_saved["state_dict"])
-    critic.load_state_dict(ckpt.load(model_path(config, iteration, "D"))["state_dict"])
     state = ckpt.load(model_path(config, iteration, "state"))
+    # checkpoints written before the generator EMA hold the raw G in ITER-G.ckpt only
+    generator.load_state_dict(state.get("generator", g_saved["state_dict"]))
+    if g_ema is not None:
+        g_ema.model.load_state_dict(g_saved["state_dict"])
+        g_ema.num_updates = state.get("g_ema_updates") or 0
+    critic.load_state_dict(ckpt.load(model_path(config, iteration, "D"))["state_dict"])
     g_optimizer.load_state_dict(state["g_optimizer"])
     d_optimizer.load_state_dict(state["d_optimizer"])
     torch.set_rng_state(state["torch_rng"])
@@ -145,12 +157,14 @@ def train(runtime, config):
     healthy = data_loader.training_stream(data_loader.require_images(c.image_dir, data_loader.HEALTHY_FOLDER),
                                           c.image_size, c.batch_size, c.seed + 1, c.preload, **runtime.loader_options)
     generator, critic = build_stage1(runtime, c)
+    g_ema = EMA(generator, c.g_ema) if c.g_ema > 0 else None
+    scored_generator = generator if g_ema is None else g_ema.model  # what the samples and checkpoints show
     g_optimizer = torch.optim.Adam(generator.parameters(), c.g_lr, betas=(c.beta1, c.beta2))
     d_optimizer = torch.optim.Adam(critic.parameters(), c.d_lr, betas=(c.beta1, c.beta2))
     noise_generator = torch.Generator().manual_seed(c.seed + 2)  # gradient-penalty interpolation weights
     start = 0
     if c.resume_iters is not None:
-        start = restore_stage1(c, resume_from, g_saved, generator, critic, g_optimizer, d_optimizer,
+        start = restore_stage1(c, resume_from, g_saved, generator, g_ema, critic, g_optimizer, d_optimizer,
                                (mixed, healthy), noise_generator)
     write_json(saved_config(c), os.path.join(c.model_save_dir, "config.json"))
     fixed_mixed, fixed_healthy = (torch.stack([data_loader.load_slice(p, c.image_size) for p in paths[:8]])
@@ -168,6 +182,8 @@ def train(runtime, config):
         alpha = torch.rand(c.batch_size, 1, 1, 1, generator=noise_generator).to(runtime.device)
         losses.update(train_step(runtime, c, train_generator, train_critic, g_optimizer, d_optimizer,
                                  x_mixed, x_healthy, alpha, update_generator))
+        if update_generator and g_ema is not None:
+            g_ema.update(generator)
         d_loss, g_loss = losses["D/loss"], losses.get("G/loss")
         if not torch.isfinite(d_loss) or (update_generator and not torch.isfinite(g_loss)):
             last = ckpt.saved_iterations(c.model_save_dir, "G")
@@ -179,8 +195,9 @@ def train(runtime, config):
         if step % c.log_step == 0 or step == c.num_iters:
             logger.log({k: v.item() for k, v in losses.items() if not k.endswith("/loss")}, step, progress)
         if step % c.sample_step == 0 or step == c.num_iters:
-            save_samples(runtime, c, generator, fixed_mixed, fixed_healthy, step)
+            save_samples(runtime, c, scored_generator, fixed_mixed, fixed_healthy, step)
         if step % c.model_save_step == 0 or step == c.num_iters:
-            save_stage1(c, step, generator, critic, g_optimizer, d_optimizer, (mixed, healthy), noise_generator)
+            save_stage1(c, step, generator, g_ema, critic, g_optimizer, d_optimizer, (mixed, healthy),
+                        noise_generator)
     logger.close()
     print(f"Stage 1 done: checkpoints in {c.model_save_dir}, samples in {c.sample_dir}.")

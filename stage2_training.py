@@ -8,11 +8,13 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import data_loader
+import run_layout
+import scoring
 from checkpoint import replace_config
-from diffusion_refiner import EMA
+from ema import EMA
 from errors import UserError
 from model import healthy_reconstruction
-from networks import build_refiner, load_generator, model_path, resolve_iteration, saved_config
+from networks import ScoringNetworks, build_refiner, load_generator, model_path, resolve_iteration, saved_config
 from protocols import best_checkpoint, checkpoint_sweep
 from training_log import TrainingLogger
 
@@ -48,8 +50,44 @@ def refiner_step(runtime, generator, diffusion, optimizer, x, noise_generator):
     return loss
 
 
-def save_stage2(config, iteration, step, diffusion, ema, optimizer, stream, noise_generator):
-    """ITER-R-state (raw weights, EMA, optimiser, stream position, noise generator), then ITER-R (EMA weights)."""
+@torch.no_grad()
+def holdout_check(runtime, config, iteration, generator, refiner, paths):
+    """The label-free guard: on known-healthy slices the refiner never trained on, does x_r reconstruct x better
+    than x_c does? (mean |x - x_c|/2 against mean |x - x_r|/2, scored exactly as the protocols score.)"""
+    if not paths:
+        return None
+    networks = ScoringNetworks(iteration, generator, refiner, config, {})
+    coarse_error = refined_error = 0.0
+    for batch in scoring.scored_batches(runtime, networks, paths):
+        coarse_error += float(((batch.x - batch.coarse).abs().mean(dim=1) / 2).mean(dim=(1, 2)).sum())
+        refined_error += float(batch.scores.sum())
+    coarse_error, refined_error = coarse_error / len(paths), refined_error / len(paths)
+    return {"held_out_slices": len(paths), "held_out_patients": len({data_loader.patient_id(p) for p in paths}),
+            "coarse_error": coarse_error, "refined_error": refined_error,
+            "refiner_helps": refined_error < coarse_error, "ddim_steps": config.ddim_steps,
+            "refiner_samples": config.refiner_samples}
+
+
+def report_holdout_check(check, config, iteration):
+    if check is None:
+        print("Refiner check skipped: train/neg has a single patient, so none could be held out.")
+        return
+    change = 100 * (check["refined_error"] / check["coarse_error"] - 1)
+    print(f"Refiner check on {check['held_out_slices']} held-out known-healthy slices ({check['held_out_patients']} "
+          f"patients never trained on): mean |x - x_c|/2 = {check['coarse_error']:.5f}, mean |x - x_r|/2 = "
+          f"{check['refined_error']:.5f} ({change:+.1f}%).")
+    if not check["refiner_helps"]:
+        print("WARNING: the refiner does NOT lower the reconstruction error of healthy slices it has not seen, so it "
+              "would add error, not remove the GAN's artifacts.\n--refiner auto will score checkpoint "
+              f"{iteration} with the coarse reconstruction x_c (--refiner on forces the refiner).\n"
+              "Fix: train stage 2 longer (--refiner_iters) or wider (--refiner_dim), or check stage 1's samples.")
+    run_layout.write_json({"checkpoint": iteration, **check},
+                          run_layout.refiner_check(config.result_dir, iteration))
+
+
+def save_stage2(config, iteration, step, diffusion, ema, optimizer, stream, noise_generator, check=None):
+    """ITER-R-state (raw weights, EMA, optimiser, stream position, noise generator), then ITER-R (EMA weights and,
+    once training has ended, the held-out check)."""
     saved = saved_config(config)
     ckpt.atomic_save({"state_dict": diffusion.state_dict(), "ema": ema.state_dict(),
                       "optimizer": optimizer.state_dict(), "noise_generator": noise_generator.get_state(),
@@ -57,7 +95,7 @@ def save_stage2(config, iteration, step, diffusion, ema, optimizer, stream, nois
                      model_path(config, iteration, "R-state"))
     # R last: scoring treats ITER-R.ckpt as "the refiner of ITER exists".
     ckpt.atomic_save({"state_dict": ema.model.state_dict(), "config": saved, "refines": iteration,
-                      "refiner_iteration": step}, model_path(config, iteration, "R"))
+                      "refiner_iteration": step, "holdout_check": check}, model_path(config, iteration, "R"))
 
 
 def restore_stage2(config, iteration, diffusion, ema, optimizer, stream, noise_generator):
@@ -87,8 +125,10 @@ def train_refiner(runtime, config):
     if os.path.isfile(r_path) and not resume:
         raise UserError(f"{r_path} already exists; training stage 2 again would overwrite it.\n"
                         f"Fix: continue it with --resume_iters latest, or delete {r_path} and {state_path}.")
-    healthy = data_loader.training_stream(data_loader.require_images(c.image_dir, data_loader.HEALTHY_FOLDER),
-                                          c.image_size, c.refiner_batch_size, c.seed + 3, c.preload,
+    # known-healthy patients held out of refiner training, for the label-free check at the end
+    trained_on, held_out = data_loader.hold_out_patients(
+        data_loader.require_images(c.image_dir, data_loader.HEALTHY_FOLDER), c.refiner_holdout, c.seed + 5)
+    healthy = data_loader.training_stream(trained_on, c.image_size, c.refiner_batch_size, c.seed + 3, c.preload,
                                           **runtime.loader_options, batch_flag="--refiner_batch_size")
     diffusion = build_refiner(runtime, c)
     diffusion.residual_scale.fill_(residual_std(runtime, generator, healthy))
@@ -117,7 +157,10 @@ def train_refiner(runtime, config):
                       f"{(c.refiner_iters - step) / rate / 60:.1f} min at {rate:.2f} it/s")
         if step % c.log_step == 0 or step == c.refiner_iters:
             logger.log({"R/loss_diffusion": loss.item()}, step, progress)
-        if step % c.model_save_step == 0 or step == c.refiner_iters:
+        if step % c.model_save_step == 0 and step < c.refiner_iters:
             save_stage2(c, iteration, step, diffusion, ema, optimizer, healthy, noise_generator)
     logger.close()
+    check = holdout_check(runtime, c, iteration, generator, ema.model, held_out)
+    save_stage2(c, iteration, c.refiner_iters, diffusion, ema, optimizer, healthy, noise_generator, check)
+    report_holdout_check(check, c, iteration)
     print(f"Stage 2 done: {r_path} refines {model_path(c, iteration, 'G')}.")

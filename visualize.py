@@ -60,11 +60,12 @@ def _as_2d(array, name):
     return array
 
 
-def save_anomaly_panel(image, coarse, anomaly_map, path, title="", refined=None, mask=None):
+def save_anomaly_panel(image, coarse, anomaly_map, path, title="", refined=None, mask=None, map_scale=1.0):
     """One row: input, coarse x_c, refined x_r (if given), anomaly map over the input, ground truth (if given).
 
-    image, coarse and refined are in [-1, 1]; anomaly_map is in [0, 1] and shown on a fixed scale so that
-    panels of different scans compare.
+    image, coarse and refined are in [-1, 1]; anomaly_map is in [0, 1] and shown on [0, map_scale], one scale
+    for a whole run (scoring.healthy_map_scale: a high percentile of the known-healthy maps), so panels of
+    different scans compare and a change above what healthy brains show stands out.
     """
     image = _as_2d(image, "image")
     panels = [("input", image), ("coarse $x_c$", _as_2d(coarse, "coarse"))]
@@ -79,7 +80,7 @@ def save_anomaly_panel(image, coarse, anomaly_map, path, title="", refined=None,
         ax.set_title(name)
     ax = axes[len(panels)]
     ax.imshow(image, cmap="gray", vmin=-1, vmax=1)
-    heat = ax.imshow(anomaly_map, cmap="jet", vmin=0, vmax=1, alpha=0.5)
+    heat = ax.imshow(anomaly_map, cmap="jet", vmin=0, vmax=map_scale, alpha=0.5)
     fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title("anomaly map")
     if mask is not None:
@@ -102,7 +103,9 @@ def save_learning_curve(iterations, curves, path, title):
             raise ValueError(f"curve {name!r} has {len(values)} values for {len(iterations)} iterations")
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, values in curves.items():
-        ax.plot(iterations, [np.nan if v is None else v for v in values], marker="o", ms=3, label=name)
+        present = [v for v in values if v is not None]
+        style = {"marker": "*", "ms": 14, "ls": "none"} if len(present) == 1 else {"marker": "o", "ms": 3}
+        ax.plot(iterations, [np.nan if v is None else v for v in values], label=name, **style)
     ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
     ax.set(ylim=(0, 1), xlabel="iteration", ylabel="value", title=title)
     ax.legend()

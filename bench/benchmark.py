@@ -244,11 +244,12 @@ def ours_scoring(solver, refined):
     generator = solver.runtime.compiled(raw)
     diffusion = networks.build_refiner(solver.runtime, c).eval().requires_grad_(False) if refined else None
     x = random_slices(c.batch_size, c.in_channels, c.image_size, solver.runtime.device, 5)
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)) if refined else None
+    noises = [torch.randn(x.shape, generator=torch.Generator().manual_seed(6 + k))
+              for k in range(c.refiner_samples)] if refined else ()
 
     @torch.inference_mode()
     def step(g):
-        coarse, refined_x = scoring.reconstruct(solver.runtime, c, x, g, diffusion, noise)
+        coarse, refined_x = scoring.reconstruct(solver.runtime, c, x, g, diffusion, noises)
         reconstruction = coarse if refined_x is None else refined_x
         return ((x - reconstruction).abs().mean(dim=1) / 2).mean(dim=(1, 2)).cpu()
 

@@ -26,12 +26,31 @@ def test_summary_rows_put_refined_coarse_and_baseline_side_by_side(tmp_path, cap
     assert "0.900" in capsys.readouterr().out
 
 
-def test_learning_curve_plots_aucp_and_inductive_by_checkpoint(tmp_path):
+def test_learning_curve_plots_aucp_and_inductive_by_checkpoint(tmp_path, monkeypatch):
     run = str(tmp_path / "run")
-    write(f"{run}/results/aucp_selection.json", {"table": [{"iteration": 10, "auc": 0.55}, {"iteration": 20, "auc": 0.6}]})
+    write(f"{run}/results/aucp_selection.json", {"table": [{"iteration": 10, "auc": 0.55, "reconstruction": "coarse"},
+                                                           {"iteration": 20, "auc": 0.6, "reconstruction": "coarse"}]})
     write(f"{run}/results/inductive_by_iteration.json",
           {"table": [{"iteration": 10, "auc": 0.7, "reconstruction": "coarse"},
                      {"iteration": 20, "auc": 0.8, "reconstruction": "coarse"}]})
     path = report.learning_curve(run)
     assert path == f"{run}/results/learning_curve.png" and os.path.getsize(path) > 1000
     assert report.learning_curve(str(tmp_path / "empty")) is None
+
+
+def test_learning_curve_marks_the_refined_checkpoint_beside_the_coarse_curves(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    write(f"{run}/results/aucp_selection.json", {"table": [{"iteration": 10, "auc": 0.55, "reconstruction": "coarse"},
+                                                           {"iteration": 20, "auc": 0.6, "reconstruction": "coarse"}]})
+    write(f"{run}/results/inductive_by_iteration.json",
+          {"table": [{"iteration": 10, "auc": 0.7, "reconstruction": "coarse"},
+                     {"iteration": 20, "auc": 0.8, "reconstruction": "coarse"}]})
+    write(f"{run}/results/20/refined/inductive.json", {"auc": 0.85})
+    write(f"{run}/results/20/refined/aucp.json", {"auc": 0.65})
+    plotted = {}
+    monkeypatch.setattr(report.visualize, "save_learning_curve",
+                        lambda iterations, curves, path, title: plotted.update(iterations=iterations, curves=curves))
+    report.learning_curve(run, iteration=20)
+    assert plotted["iterations"] == [10, 20]
+    assert plotted["curves"] == {"AUCp (no labels), coarse": [0.55, 0.6], "AUCp (no labels), refined": [None, 0.65],
+                                 "inductive AUC, coarse": [0.7, 0.8], "inductive AUC, refined": [None, 0.85]}

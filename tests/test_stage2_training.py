@@ -5,7 +5,7 @@ import torch
 
 import data_loader
 from conftest import TINY_FLAGS
-from diffusion_refiner import EMA
+from ema import EMA
 from main import parse_config
 from networks import build_refiner, model_path
 from solver import Runtime
