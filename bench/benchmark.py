@@ -219,7 +219,7 @@ def ours_stage1_train(solver):
 
 
 def ours_stage2_train(solver):
-    from diffusion_refiner import EMA
+    from ema import EMA
     c = solver.config
     generator, _ = networks.build_stage1(solver.runtime, c)
     generator = solver.runtime.compiled(generator.eval().requires_grad_(False))
