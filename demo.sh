@@ -46,8 +46,8 @@ else
     stage1+=(--num_iters 6000 --model_save_step 500 --sample_step 500)
     stage2+=(--refiner_iters 2000)
   else
-    stage1+=(--num_iters 1000 --model_save_step 200 --sample_step 200)
-    stage2+=(--refiner_iters 600)
+    stage1+=(--num_iters 800 --model_save_step 200 --sample_step 200)
+    stage2+=(--refiner_iters 500)
   fi
 fi
 common=(--image_dir "data/$name" --run_dir "$run" "${loader[@]}" --use_tensorboard false)

@@ -97,7 +97,7 @@ def build_parser():
     r.add_argument("--refiner_attn_levels", type=int, default=2, help="self-attention at this many lowest resolutions")
     r.add_argument("--refiner_heads", type=int, default=4, help="attention heads")
     r.add_argument("--diffusion_steps", type=int, default=1000, help="training timesteps T (cosine schedule)")
-    r.add_argument("--ddim_steps", type=int, default=10,
+    r.add_argument("--ddim_steps", type=int, default=1,
                    help="deterministic DDIM (eta 0) steps per refiner sample at scoring; 1 = one x0-prediction from "
                         "t = T-1, the posterior-mean estimate of the residual")
     r.add_argument("--refiner_samples", type=int, default=1,
