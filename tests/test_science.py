@@ -91,6 +91,7 @@ def shift_run(tmp_path_factory):
     run_main(["--mode", "test_inductive", "--test_iters", "all", "--refiner", "off", "--image_dir", data,
               "--run_dir", run_dir, "--num_workers", "0"], str(work))
     inductive = {i: json.load(open(f"{run_dir}/results/{i}/coarse/inductive.json")) for i in (1, 2, 3)}
+    print("inductive AUC by checkpoint", {i: r["auc"] for i, r in inductive.items()})
     return {"work": str(work), "data": data, "run_dir": run_dir, "inductive": inductive}
 
 
@@ -117,6 +118,7 @@ def test_aucp_selection_picks_the_checkpoint_with_the_best_inductive_auc(shift_r
     aucp = {row["iteration"]: row["auc"] for row in selection["table"]}
     inductive = {i: result["auc"] for i, result in shift_run["inductive"].items()}
     best_inductive = max(inductive, key=inductive.get)
+    print("AUCp by checkpoint", aucp, "picked", selection["best_iteration"])
     assert best_inductive == 2  # the trained one sits between two untrained ones: not first, not latest
     assert inductive[2] - max(inductive[1], inductive[3]) > 0.1
     assert aucp[2] - max(aucp[1], aucp[3]) > 0.1, aucp
@@ -133,7 +135,16 @@ def healthy_residual(coarse):
     return 0.3 * torch.sin(6 * coarse)
 
 
-def test_refiner_explains_the_healthy_residual_and_keeps_a_planted_blob():
+@pytest.fixture
+def one_thread():
+    """Tiny networks run fastest on one thread (two fight over a loaded 2-core CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_refiner_explains_the_healthy_residual_and_keeps_a_planted_blob(one_thread):
     torch.manual_seed(0)
     size, g = 16, torch.Generator().manual_seed(0)
     diffusion = ResidualDiffusion(RefinerUNet(1, 16, (1,), 1, 0, 2), timesteps=1000)
@@ -156,6 +167,8 @@ def test_refiner_explains_the_healthy_residual_and_keeps_a_planted_blob():
     for steps in (1, 5):
         refined = diffusion.refine(coarse, steps, generator=torch.Generator().manual_seed(1))
         error = (x - refined).abs()
+        print(f"refiner ddim {steps}: outside {error[~blob].mean():.4f} (coarse {coarse_error:.4f}), "
+              f"inside {error[blob].mean():.4f}")
         assert error[~blob].mean() < 0.3 * coarse_error, (steps, error[~blob].mean(), coarse_error)
         assert error[blob].mean() > 0.6 * 0.5, (steps, error[blob].mean())
 
@@ -169,7 +182,7 @@ def toy_batch(diseased, n=8, size=32, seed=0):
                                       for _ in range(n)]))[:, None].float() * 2 - 1
 
 
-def test_critic_steps_score_healthy_above_translated_diseased():
+def test_critic_steps_score_healthy_above_translated_diseased(one_thread):
     torch.manual_seed(0)
     config = main.parse_config([*STAGE1_FLAGS, "--device", "cpu", "--d_lr", "2e-3"])
     runtime = Runtime(config)
