@@ -163,7 +163,7 @@ class EndlessBatches:
     """
 
     def __init__(self, paths, image_size, batch_size, seed, preload, num_workers=0, pin_memory=False,
-                 batch_flag="--batch_size"):
+                 batch_flag="--batch_size", preload_device=None):
         if len(paths) < batch_size:
             raise UserError(f"only {len(paths)} training slices in {os.path.dirname(paths[0])} for a batch of "
                             f"{batch_size}.\nFix: add slices or lower {batch_flag}.")
@@ -177,6 +177,8 @@ class EndlessBatches:
             for i, path in enumerate(tqdm(self.paths, desc=f"loading {os.path.dirname(self.paths[0])}",
                                           leave=False, disable=len(self.paths) < 500)):
                 self.images[i] = load_slice(path, image_size)
+            if preload_device is not None:  # batches are then drawn and flipped there (same random numbers)
+                self.images = self.images.to(preload_device)
         else:
             self.loader = DataLoader(SliceDataset(self.paths, image_size), batch_size=batch_size, shuffle=True,
                                      drop_last=True, generator=self.generator, num_workers=num_workers,
@@ -192,7 +194,7 @@ class EndlessBatches:
                 self._order, self._position = torch.randperm(len(self.images), generator=self.generator), 0
             index = self._order[self._position:self._position + self.batch_size]
             self._position += self.batch_size
-            batch = self.images[index].float()
+            batch = self.images[index.to(self.images.device)].float()
         else:
             try:
                 batch, _ = next(self._iterator)
@@ -231,11 +233,13 @@ def hold_out_patients(paths, fraction, seed):
 
 
 def training_stream(paths, image_size, batch_size, seed, preload="auto", num_workers=0, pin_memory=False,
-                    batch_flag="--batch_size"):
+                    batch_flag="--batch_size", preload_device=None):
     """An endless batch stream over `paths`: the mixed set M and the healthy set H each get their own.
-    batch_flag names the flag that set batch_size (stage 2: --refiner_batch_size)."""
+    batch_flag names the flag that set batch_size (stage 2: --refiner_batch_size).
+    preload_device: hold the preloaded slices there (e.g. the GPU) instead of in host memory."""
     use_memory = should_preload(len(paths), image_size, preload)
-    return EndlessBatches(paths, image_size, batch_size, seed, use_memory, num_workers, pin_memory, batch_flag)
+    return EndlessBatches(paths, image_size, batch_size, seed, use_memory, num_workers, pin_memory, batch_flag,
+                          preload_device)
 
 
 def protocol_slices(root, protocol):

@@ -125,8 +125,29 @@ def build_parser():
     d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto picks CUDA when present")
     d.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")
     d.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="bfloat16 autocast (auto: on for CUDA)")
-    d.add_argument("--channels_last", type=str2bool, default=False, help="channels_last memory format for convolutions")
-    d.add_argument("--compile", type=str2bool, default=False, help="torch.compile the networks")
+    d.add_argument("--channels_last", type=str2bool, default=False,
+                   help="channels_last memory format for the networks (a CUDA speed option: same maths; its "
+                        "speed has not been measured, no GPU was available)")
+    d.add_argument("--compile", type=str2bool, default=False,
+                   help="torch.compile the generator, the refiner and the critic's plain forward passes (the "
+                        "gradient penalty differentiates the critic twice, which compiled graphs cannot: it "
+                        "stays eager); a CUDA speed option, speed unmeasured")
+    d.add_argument("--compile_backend", type=str, default="inductor",
+                   help="torch.compile backend with --compile (aot_eager: no code generation, for checking)")
+    d.add_argument("--fused_adam", type=str2bool, default=False,
+                   help="Adam with fused=True: one kernel per step instead of one per tensor (CUDA speed "
+                        "option; same update up to float rounding; speed unmeasured)")
+    d.add_argument("--deferred_finite_check", type=str2bool, default=False,
+                   help="check for non-finite losses on the device and read the result every --log_step "
+                        "iterations and before every save, not after every iteration (no per-iteration host "
+                        "sync on CUDA); training still stops naming the first bad iteration and never saves "
+                        "weights updated after it")
+    d.add_argument("--preload_on_device", type=str2bool, default=False,
+                   help="hold the preloaded training slices (--preload) on the training device and draw and flip "
+                        "batches there (no host-to-device copy per iteration on CUDA; same batches)")
+    d.add_argument("--keep_freed_memory", type=str2bool, default=True,
+                   help="CPU (glibc): keep freed memory in the heap for reuse instead of returning it to the "
+                        "kernel, so the large activations are not page-faulted in again every iteration")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log_step", type=int, default=10, help="iterations between loss logs")

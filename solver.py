@@ -11,6 +11,7 @@ import score_folder
 import stage1_training
 import stage2_training
 from errors import UserError
+from speed import compile_module, keep_freed_memory
 
 
 def pick_device(choice):
@@ -23,7 +24,8 @@ def pick_device(choice):
 
 
 class Runtime:
-    """Where and how the networks run: the device, bf16 autocast, memory format, compilation, loader options."""
+    """Where and how the networks run: the device, bf16 autocast, memory format, compilation (--compile,
+    --compile_backend), loader options, and the training streams' options (--preload_on_device)."""
 
     def __init__(self, config):
         self.device = pick_device(config.device)
@@ -31,7 +33,11 @@ class Runtime:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.channels_last = config.channels_last
         self.compile = config.compile
+        self.compile_backend = getattr(config, "compile_backend", "inductor")
         self.loader_options = {"num_workers": config.num_workers, "pin_memory": self.device.type == "cuda"}
+        # training_stream options: the loader's, plus where preloaded slices live
+        self.stream_options = {**self.loader_options,
+                               "preload_device": self.device if getattr(config, "preload_on_device", False) else None}
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -45,7 +51,7 @@ class Runtime:
         return network
 
     def compiled(self, network):
-        return torch.compile(network) if self.compile else network
+        return compile_module(network, self)  # reads .compile and .compile_backend
 
 
 class Solver:
@@ -53,6 +59,8 @@ class Solver:
         self.config = config
         self.runtime = Runtime(config)
         torch.manual_seed(config.seed)
+        if self.runtime.device.type == "cpu" and getattr(config, "keep_freed_memory", False):
+            keep_freed_memory()  # process-wide glibc heap setting (--keep_freed_memory, on by default)
         if self.runtime.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 

@@ -17,6 +17,7 @@ from errors import UserError
 from model import ARCHITECTURE_FLAGS, healthy_reconstruction
 from networks import build_stage1, model_path, refuse_to_overwrite, saved_config
 from run_layout import write_json
+from speed import FiniteCheck, adam
 from training_log import TrainingLogger
 
 
@@ -104,7 +105,8 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
                 fake = healthy_reconstruction(x_mixed, generator(x_mixed))
         d_loss_real = -critic(x_healthy).mean()
         d_loss_fake = critic(fake.detach()).mean()
-        d_loss_gp = gradient_penalty(critic, x_healthy, fake, alpha)
+        # a compiled critic cannot be differentiated twice: the penalty runs the eager module (same weights)
+        d_loss_gp = gradient_penalty(getattr(critic, "_orig_mod", critic), x_healthy, fake, alpha)
         d_loss = d_loss_real + d_loss_fake + c.lambda_gp * d_loss_gp
     d_optimizer.zero_grad(set_to_none=True)
     d_loss.backward()
@@ -140,6 +142,15 @@ def save_samples(runtime, config, generator, fixed_mixed, fixed_healthy, step):
     visualize.save_sample_grid([col.cpu() for col in columns], os.path.join(config.sample_dir, f"{step}-images.png"))
 
 
+def non_finite_error(config, iteration, losses):
+    """The UserError for a non-finite loss at `iteration` ({name: float}), naming the last good checkpoint."""
+    last = ckpt.saved_iterations(config.model_save_dir, "G")
+    values = ", ".join(f"{name} {value:.4g}" for name, value in losses.items())
+    return UserError(f"non-finite loss at iteration {iteration} ({values}). Training stopped; the last good "
+                     f"checkpoint is {last[-1] if last else 'none'} in {config.model_save_dir}.\n"
+                     f"Fix: lower --g_lr/--d_lr or raise --lambda_gp, then --resume_iters latest.")
+
+
 def train(runtime, config):
     """Stage 1: WGAN-GP with real = known-healthy H, fake = tanh(x_M + G(x_M)), plus identity L1 on H."""
     c = config
@@ -153,14 +164,14 @@ def train(runtime, config):
         refuse_to_overwrite(c, "G", "resume it with --resume_iters latest")
     data_loader.check_dataset(c.image_dir, c.batch_size)
     mixed = data_loader.training_stream(data_loader.mixed_set_paths(c.image_dir), c.image_size,
-                                        c.batch_size, c.seed, c.preload, **runtime.loader_options)
+                                        c.batch_size, c.seed, c.preload, **runtime.stream_options)
     healthy = data_loader.training_stream(data_loader.require_images(c.image_dir, data_loader.HEALTHY_FOLDER),
-                                          c.image_size, c.batch_size, c.seed + 1, c.preload, **runtime.loader_options)
+                                          c.image_size, c.batch_size, c.seed + 1, c.preload, **runtime.stream_options)
     generator, critic = build_stage1(runtime, c)
     g_ema = EMA(generator, c.g_ema) if c.g_ema > 0 else None
     scored_generator = generator if g_ema is None else g_ema.model  # what the samples and checkpoints show
-    g_optimizer = torch.optim.Adam(generator.parameters(), c.g_lr, betas=(c.beta1, c.beta2))
-    d_optimizer = torch.optim.Adam(critic.parameters(), c.d_lr, betas=(c.beta1, c.beta2))
+    g_optimizer = adam(generator.parameters(), c.g_lr, (c.beta1, c.beta2), c, runtime.device)
+    d_optimizer = adam(critic.parameters(), c.d_lr, (c.beta1, c.beta2), c, runtime.device)
     noise_generator = torch.Generator().manual_seed(c.seed + 2)  # gradient-penalty interpolation weights
     start = 0
     if c.resume_iters is not None:
@@ -169,9 +180,10 @@ def train(runtime, config):
     write_json(saved_config(c), os.path.join(c.model_save_dir, "config.json"))
     fixed_mixed, fixed_healthy = (torch.stack([data_loader.load_slice(p, c.image_size) for p in paths[:8]])
                                   for paths in (mixed.paths, healthy.paths))
-    # The critic stays eager: torch.compile cannot differentiate twice, which the gradient penalty needs.
-    train_generator, train_critic = runtime.compiled(generator), critic
+    # --compile: the critic's plain passes are compiled; train_step runs the gradient penalty eagerly.
+    train_generator, train_critic = runtime.compiled(generator), runtime.compiled(critic)
     logger = TrainingLogger(c, "stage1")
+    finite = FiniteCheck(c.deferred_finite_check, lambda iteration, values: non_finite_error(c, iteration, values))
     losses = {}
     progress = tqdm(range(start, c.num_iters), initial=start, total=c.num_iters, desc="stage 1", unit="it")
     for i in progress:
@@ -184,19 +196,17 @@ def train(runtime, config):
                                  x_mixed, x_healthy, alpha, update_generator))
         if update_generator and g_ema is not None:
             g_ema.update(generator)
-        d_loss, g_loss = losses["D/loss"], losses.get("G/loss")
-        if not torch.isfinite(d_loss) or (update_generator and not torch.isfinite(g_loss)):
-            last = ckpt.saved_iterations(c.model_save_dir, "G")
-            raise UserError(f"non-finite loss at iteration {i + 1} (D {d_loss.item():.4g}"
-                            + (f", G {g_loss.item():.4g}" if update_generator else "") + "). Training stopped; "
-                            f"the last good checkpoint is {last[-1] if last else 'none'} in {c.model_save_dir}.\n"
-                            f"Fix: lower --g_lr/--d_lr or raise --lambda_gp, then --resume_iters latest.")
+        # eager: checked now; --deferred_finite_check: read below, before anything is logged or saved
+        finite.add(i + 1, {"D": losses["D/loss"], "G": losses["G/loss"] if update_generator else None})
         step = i + 1
         if step % c.log_step == 0 or step == c.num_iters:
+            finite.check()
             logger.log({k: v.item() for k, v in losses.items() if not k.endswith("/loss")}, step, progress)
         if step % c.sample_step == 0 or step == c.num_iters:
+            finite.check()
             save_samples(runtime, c, scored_generator, fixed_mixed, fixed_healthy, step)
         if step % c.model_save_step == 0 or step == c.num_iters:
+            finite.check()
             save_stage1(c, step, generator, g_ema, critic, g_optimizer, d_optimizer, (mixed, healthy),
                         noise_generator)
     logger.close()

@@ -16,6 +16,7 @@ from errors import UserError
 from model import healthy_reconstruction
 from networks import ScoringNetworks, build_refiner, load_generator, model_path, resolve_iteration, saved_config
 from protocols import best_checkpoint, checkpoint_sweep
+from speed import FiniteCheck, adam
 from training_log import TrainingLogger
 
 
@@ -129,26 +130,27 @@ def train_refiner(runtime, config):
     trained_on, held_out = data_loader.hold_out_patients(
         data_loader.require_images(c.image_dir, data_loader.HEALTHY_FOLDER), c.refiner_holdout, c.seed + 5)
     healthy = data_loader.training_stream(trained_on, c.image_size, c.refiner_batch_size, c.seed + 3, c.preload,
-                                          **runtime.loader_options, batch_flag="--refiner_batch_size")
+                                          **runtime.stream_options, batch_flag="--refiner_batch_size")
     diffusion = build_refiner(runtime, c)
     diffusion.residual_scale.fill_(residual_std(runtime, generator, healthy))
     ema = EMA(diffusion, c.refiner_ema)
-    optimizer = torch.optim.Adam(diffusion.parameters(), c.refiner_lr)
+    optimizer = adam(diffusion.parameters(), c.refiner_lr, (0.9, 0.999), c, runtime.device)
     noise_generator = torch.Generator(runtime.device).manual_seed(c.seed + 4)
     start = 0
     if resume:
         start = restore_stage2(c, iteration, diffusion, ema, optimizer, healthy, noise_generator)
     train_diffusion = runtime.compiled(diffusion)
     logger = TrainingLogger(c, f"stage2-{iteration}")
+    finite = FiniteCheck(c.deferred_finite_check, lambda step, _: UserError(
+        f"non-finite refiner loss at stage-2 iteration {step}; the last good refiner checkpoint stays in "
+        f"{c.model_save_dir}.\nFix: lower --refiner_lr."))
     progress = tqdm(range(start, c.refiner_iters), initial=start, total=c.refiner_iters,
                     desc=f"stage 2 (refining G@{iteration})", unit="it")
     for i in progress:
         x = next(healthy).to(runtime.device, non_blocking=True)
         loss = refiner_step(runtime, generator, train_diffusion, optimizer, x, noise_generator)
         ema.update(diffusion)
-        if not torch.isfinite(loss):
-            raise UserError(f"non-finite refiner loss at stage-2 iteration {i + 1}; the last good refiner "
-                            f"checkpoint stays in {c.model_save_dir}.\nFix: lower --refiner_lr.")
+        finite.add(i + 1, {"R": loss})  # --deferred_finite_check: read before the log and every save
         step = i + 1
         if step == start + 5 and c.refiner_iters > step:
             rate = progress.format_dict["rate"] or 0
@@ -156,9 +158,12 @@ def train_refiner(runtime, config):
                 print(f"stage 2: {c.refiner_iters} iterations, about "
                       f"{(c.refiner_iters - step) / rate / 60:.1f} min at {rate:.2f} it/s")
         if step % c.log_step == 0 or step == c.refiner_iters:
+            finite.check()
             logger.log({"R/loss_diffusion": loss.item()}, step, progress)
         if step % c.model_save_step == 0 and step < c.refiner_iters:
+            finite.check()
             save_stage2(c, iteration, step, diffusion, ema, optimizer, healthy, noise_generator)
+    finite.check()
     logger.close()
     check = holdout_check(runtime, c, iteration, generator, ema.model, held_out)
     save_stage2(c, iteration, c.refiner_iters, diffusion, ema, optimizer, healthy, noise_generator, check)
