@@ -46,6 +46,7 @@ import scoring  # noqa: E402
 import stage1_training  # noqa: E402
 import stage2_training  # noqa: E402
 from model import Discriminator, Generator  # noqa: E402
+from speed import adam  # noqa: E402
 
 WORKLOADS = ("ours_stage1_train", "ours_stage2_train", "ours_score_coarse", "ours_score_refined",
              "reference_stage1_train", "reference_score_batch1", "reference_score_batched")
@@ -125,6 +126,11 @@ def build_parser():
     p.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False,
                    help="torch.compile OUR networks (the reference never compiles)")
     p.add_argument("--skip_reference", action="store_true", help="measure our workloads only")
+    p.add_argument("--reference_keep_freed_memory", type=str2bool, nargs="?", const=True, default=False,
+                   help="give the reference workloads our CPU heap setting too (--keep_freed_memory; the public "
+                        "code does not have it, so by default they run with glibc's default)")
+    p.add_argument("--workloads", type=workload_list, default=None, metavar="NAME[,NAME...]",
+                   help="measure only these workloads, comma-separated (default: all): " + ", ".join(WORKLOADS))
     p.add_argument("--matmul_size", type=int, default=None,
                    help="square matmul size for the ceiling (default 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--worker", choices=WORKLOADS, default=None, help=argparse.SUPPRESS)
@@ -132,16 +138,28 @@ def build_parser():
     return p
 
 
+def workload_list(value):
+    """'a,b' -> ['a', 'b'] in WORKLOADS order, or an argparse error naming the unknown names and the valid ones."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown workload(s) {', '.join(unknown) or repr(value)}; "
+                                         f"choose from {', '.join(WORKLOADS)}")
+    return [w for w in WORKLOADS if w in names]
+
+
 def parse_args(argv):
     args, passthrough = build_parser().parse_known_args(argv)
     return args, passthrough
 
 
-def solver_config(args, passthrough, device):
-    """main.py's config for DEVICE: the pass-through flags plus ours (no data loading, no logging)."""
+def solver_config(args, passthrough, device, reference=False):
+    """main.py's config for DEVICE: the pass-through flags plus ours (no data loading, no logging). The
+    reference workloads get glibc's default heap unless --reference_keep_freed_memory."""
+    heap = ["--keep_freed_memory", str(args.reference_keep_freed_memory)] if reference else []
     return parse_config(list(passthrough) + ["--device", device, "--channels_last", str(args.channels_last),
                                              "--compile", str(args.compile), "--num_workers", "0",
-                                             "--use_tensorboard", "false"])
+                                             "--use_tensorboard", "false"] + heap)
 
 
 def devices_for(choice):
@@ -202,10 +220,9 @@ def random_slices(n, channels, size, device, seed):
 
 def ours_stage1_train(solver):
     c = solver.config
-    from torch.optim import Adam
     generator, critic = networks.build_stage1(solver.runtime, c)
-    g_opt = Adam(generator.parameters(), c.g_lr, betas=(c.beta1, c.beta2))
-    d_opt = Adam(critic.parameters(), c.d_lr, betas=(c.beta1, c.beta2))
+    g_opt = adam(generator.parameters(), c.g_lr, (c.beta1, c.beta2), c, solver.runtime.device)
+    d_opt = adam(critic.parameters(), c.d_lr, (c.beta1, c.beta2), c, solver.runtime.device)
     x_mixed = random_slices(c.batch_size, c.in_channels, c.image_size, solver.runtime.device, 1)
     x_healthy = random_slices(c.batch_size, c.in_channels, c.image_size, solver.runtime.device, 2)
     alpha = torch.rand(c.batch_size, 1, 1, 1, generator=torch.Generator().manual_seed(3)).to(solver.runtime.device)
@@ -225,7 +242,7 @@ def ours_stage2_train(solver):
     generator = solver.runtime.compiled(generator.eval().requires_grad_(False))
     diffusion = networks.build_refiner(solver.runtime, c)
     ema = EMA(diffusion, c.refiner_ema)
-    optimizer = torch.optim.Adam(diffusion.parameters(), c.refiner_lr)
+    optimizer = adam(diffusion.parameters(), c.refiner_lr, (0.9, 0.999), c, solver.runtime.device)
     noise_generator = torch.Generator(solver.runtime.device).manual_seed(c.seed + 4)
     train_diffusion = solver.runtime.compiled(diffusion)
     x = random_slices(c.batch_size, c.in_channels, c.image_size, solver.runtime.device, 4)
@@ -345,8 +362,8 @@ def run_worker(args, passthrough):
     """Child process: build one workload, time it, read its peak memory, then count its FLOPs."""
     from solver import Solver
     device = args.device
-    solver = Solver(solver_config(args, passthrough, device))
     reference = args.worker.startswith("reference_")
+    solver = Solver(solver_config(args, passthrough, device, reference))
     rss_before = max_rss_bytes()
     if solver.runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(solver.runtime.device)
@@ -356,7 +373,8 @@ def run_worker(args, passthrough):
               "rate": units / statistics.median(times),
               "rate_unit": RATE_UNITS.get(args.worker, "slices/s"),
               "precision": "fp32" if reference or solver.runtime.autocast_dtype is None else "bf16 autocast",
-              "peak_rss_bytes": max_rss_bytes(), "rss_before_workload_bytes": rss_before}
+              "peak_rss_bytes": max_rss_bytes(), "rss_before_workload_bytes": rss_before,
+              "keep_freed_memory": bool(solver.config.keep_freed_memory) and solver.runtime.device.type == "cpu"}
     if solver.runtime.device.type == "cuda":
         # allocations of this workload only (the counter was reset before it was built)
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(solver.runtime.device)
@@ -440,7 +458,7 @@ def machine_info():
 
 def measure_device(device, args, argv):
     dev = torch.device(device)
-    names = [w for w in WORKLOADS if not (args.skip_reference and w in REFERENCE_WORKLOADS)]
+    names = [w for w in (args.workloads or WORKLOADS) if not (args.skip_reference and w in REFERENCE_WORKLOADS)]
     workloads = {}
     for name in names:
         print(f"[{device}] {name} ...", file=sys.stderr, flush=True)
@@ -507,6 +525,7 @@ def print_table(report):
                   f"{100 * w['fraction_of_ceiling']:>6.1f}% {w['precision']:<13} "
                   f"{w['peak_memory_bytes'] / 2 ** 20:>9.0f} "
                   f"{w['peak_memory_above_baseline_bytes'] / 2 ** 20:>7.0f}")
+            print(f"{'':<24} every timed unit: {', '.join(f'{t:.2f}' for t in w['seconds'])} s")
         for key in RATIO_KEYS:
             if result[key] is not None:
                 print(f"  {key:<38} {result[key]:.2f}x")
@@ -525,11 +544,15 @@ def main(argv=None):
     config = solver_config(args, passthrough, "cpu")
     keys = ("image_size", "batch_size", "in_channels", "g_conv_dim", "d_conv_dim", "g_repeat_num", "d_repeat_num",
             "refiner_dim", "refiner_dim_mults", "refiner_blocks", "refiner_attn_levels", "refiner_heads",
-            "diffusion_steps", "ddim_steps", "bf16", "channels_last", "compile", "lambda_gp", "lambda_id",
+            "diffusion_steps", "ddim_steps", "bf16", "channels_last", "compile", "compile_backend", "fused_adam",
+            "keep_freed_memory", "lambda_gp", "lambda_id",
             "g_lr", "d_lr", "refiner_lr", "refiner_ema", "seed")
     report = {"machine": machine_info(),
               "config": {**{k: getattr(config, k) for k in keys}, "repeats": args.repeats, "warmup": args.warmup,
-                         "skip_reference": args.skip_reference, "devices": devices_for(args.device),
+                         "skip_reference": args.skip_reference,
+                         "reference_keep_freed_memory": args.reference_keep_freed_memory,
+                         "workloads": args.workloads or list(WORKLOADS),
+                         "devices": devices_for(args.device),
                          "command": " ".join([os.path.relpath(__file__)] + argv)},
               "results": {}}
     for device in report["config"]["devices"]:

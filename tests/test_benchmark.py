@@ -126,3 +126,32 @@ def test_benchmark_report_has_every_figure(tmp_path):
         assert report[key] == cpu[key]
     for key in ("speedup_stage1_train", "speedup_scoring", "memory_ratio_stage1_train"):
         assert report[key] > 0
+
+
+def test_workloads_flag_runs_exactly_the_named_ones(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    named = ["reference_score_batch1", "ours_score_coarse"]
+    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "benchmark.py"), *TINY, "--out", str(out),
+                           "--workloads", ",".join(named)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert set(report["results"]["cpu"]["workloads"]) == set(named)
+    assert report["config"]["workloads"] == ["ours_score_coarse", "reference_score_batch1"]
+    assert math.isclose(report["speedup_scoring"], report["results"]["cpu"]["workloads"]["ours_score_coarse"]["rate"]
+                        / report["results"]["cpu"]["workloads"]["reference_score_batch1"]["rate"], rel_tol=1e-9)
+    assert report["speedup_stage1_train"] is None  # neither stage-1 workload ran
+    assert "every timed unit:" in done.stdout
+
+
+@pytest.mark.parametrize("value", ["ours_stage1_train,ours_stage3_train", "nonsense", ","])
+def test_workloads_flag_rejects_unknown_names(value, capsys):
+    from bench.benchmark import parse_args
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--workloads", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown workload(s)" in err and "choose from ours_stage1_train" in err
+    if "stage3" in value:
+        assert "ours_stage3_train" in err.split("choose from")[0]  # the unknown one is named
