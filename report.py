@@ -4,6 +4,7 @@ learning curve (AUCp and inductive AUC against iterations).
 Usage: python report.py --image_dir data/Demo --run_dir runs/Demo --iteration ITER [--seconds S]
 """
 import argparse
+import glob
 import json
 import os
 
@@ -67,8 +68,7 @@ def learning_curve(run_dir, iteration=None):
             if refined:
                 curves[f"{label}, refined"] = [refined["auc"] if i == iteration else None for i in iterations]
     path = run_layout.learning_curve(result_dir)
-    visualize.save_learning_curve(iterations, curves, path, "AUCp and inductive AUC by stage-1 checkpoint "
-                                  "(refined: the checkpoint stage 2 refined)")
+    visualize.save_learning_curve(iterations, curves, path, "AUCp and inductive AUC by stage-1 checkpoint")
     return path
 
 
@@ -83,7 +83,10 @@ def main(argv=None):
     curve = learning_curve(args.run_dir, args.iteration)
     results = run_layout.iteration_dir(run_layout.default_folder(args.run_dir, "result_dir"), args.iteration)
     print(f"\nPlots, CSVs and JSONs: {results}/{{{','.join(run_layout.RECONSTRUCTIONS)}}}/")
-    print(f"Anomaly maps: {results}/refined/maps_*/")
+    maps = [f"{results}/{reconstruction}/maps_*/" for reconstruction in run_layout.RECONSTRUCTIONS
+            if glob.glob(os.path.join(results, reconstruction, "maps_*"))]
+    if maps:
+        print(f"Anomaly maps: {' and '.join(maps)}")
     if curve:
         print(f"Learning curve: {curve}")
     if args.seconds is not None:
