@@ -4,8 +4,8 @@ overlay montage (`<pid>_anomaly.png`).
 
 The model is a callable, so nothing here knows about networks:
     anomaly_maps(batch, names) -> (N, S, S) maps, batch (N, 1, S, S) in [-1, 1] on the CPU, names the slice file
-    names `<pid>__NNN.png` prepare_data would write (the Solver seeds its refiner noise per slice from them, so a
-    slice scores the same from a volume as from its prepared PNG).
+    names `<pid>__NNN.png` prepare_data would write (scoring.anomaly_maps seeds its refiner noise per slice from
+    them, so a slice scores the same from a volume as from its prepared PNG).
 
 Rule for bad volumes: a single file that cannot be scored stops with a UserError (exit 2). In a folder, such
 volumes are skipped with one warning each and the others are scored; exit 0 when at least one was scored.
@@ -22,6 +22,7 @@ import prepare_data
 import visualize
 from data_loader import BORDER_PAD, is_image_file, preprocess, slice_filename, to_8bit
 from errors import UserError
+from run_layout import write_csv
 
 MONTAGE_LEVELS = 6       # axial levels in the overlay picture
 OVERLAY_PERCENTILE = 95  # the overlay shows map values above this percentile of the scored brain voxels
@@ -192,3 +193,19 @@ def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_
                         + "\nFix: replace them with 3D T1 .nii/.nii.gz volumes.")
     return rows, skipped
 
+
+def score_volumes_command(volumes, anomaly_maps, config, threshold, csv_path, model_name):
+    """Score mode on NIfTI input: score, write the CSV (run_layout.write_csv), print a summary."""
+    slice_range = prepare_data.parse_slices(config.slices) if config.slices else None
+    rows, skipped = score_volumes(volumes, anomaly_maps, config.image_size, csv_path, threshold,
+                                  config.score_batch_size, config.min_brain_fraction, slice_range)
+    write_csv(rows, csv_path)
+    flagged = sum(row["flagged"] for row in rows)
+    print(f"Scored {len(rows)} of {len(volumes)} volumes from {config.image_dir} with {model_name}.\n"
+          f"Flagged {flagged} above the {config.flag_percentile:g}th percentile of known-healthy patient scores "
+          f"({threshold:.6f}).\nWrote {csv_path} and the anomaly maps (.nii.gz on each input's grid, overlay .png) "
+          f"in {os.path.splitext(csv_path)[0]}")
+    if skipped:
+        print(f"Skipped {len(skipped)} volume(s) that could not be scored:\n  "
+              + "\n  ".join(f"{path}: {why}" for path, why in skipped), file=sys.stderr)
+    return rows
