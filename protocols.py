@@ -22,7 +22,7 @@ import scoring
 import visualize
 from checkpoint import replace_config
 from networks import load_for_scoring, resolve_iteration
-from training_log import start_neptune
+from training_log import log_protocol, start_neptune
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,7 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     visualize.save_roc_curve(patients["label"], patients["score"], out.roc_plot(name), title)
     visualize.save_score_histogram(patients["label"], patients["score"], result["threshold"], out.score_plot(name),
                                    title, label_names=protocol.label_names)
+    log_protocol(c, result, out.folder)
     return result
 
 

@@ -122,12 +122,15 @@ def normalise_per_image(x):
 
 
 def save_sample_grid(columns, path):
-    """One PNG, one row per sample, columns side by side (e.g. input | map | reconstruction), each in [-1, 1]."""
+    """One PNG, one row per sample, columns side by side (e.g. input | map | reconstruction), each in [-1, 1].
+    Returns the picture as a (C, H, W) tensor in [0, 1]."""
     columns = [c.detach().float().cpu() for c in columns]
     channels = max(c.shape[1] for c in columns)
     row = torch.cat([c.expand(-1, channels, -1, -1) for c in columns], dim=3)  # widths add up along each row
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image(((row + 1) / 2).clamp(0, 1), path, nrow=1, padding=0)
+    grid = ((row + 1) / 2).clamp(0, 1)
+    save_image(grid, path, nrow=1, padding=0)
+    return torch.cat(list(grid), dim=1)  # (C, rows x H, W): the picture as written, for TensorBoard
 
 
 def save_overlay_montage(panels, path, title, threshold, aspect=1.0, label="anomaly"):
@@ -150,3 +153,10 @@ def save_overlay_montage(panels, path, title, threshold, aspect=1.0, label="anom
     colorbar.set_label(f"{label} (shown above {threshold:.3g})")
     fig.suptitle(title)
     _save(fig, path)
+
+
+def read_png(path):
+    """A PNG this module wrote as a (C, H, W) float array in [0, 1], RGB (alpha dropped)."""
+    from PIL import Image
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
