@@ -139,7 +139,8 @@ def save_overlay(prepared, canonical, path, title):
     panels = [(f"axial {k}", prepare_data.axial_to_image(prepared.normalised[:, :, k]),
                prepare_data.axial_to_image(canonical[:, :, k])) for k in levels]
     aspect = prepared.pixel_size[0] / prepared.pixel_size[1]
-    visualize.save_overlay_montage(panels, path, title, threshold, aspect, label="anomaly |x - x_r| / 2")
+    visualize.save_overlay_montage(panels, path, f"{title}\naxial slices of the RAS volume, anterior up, patient's "
+                                   f"right on the left", threshold, aspect, label="anomaly |x - x_r| / 2")
 
 
 def refuse_existing(csv_path, volume_dir, pids):
