@@ -38,6 +38,8 @@ def find_volumes(path):
     if os.path.isfile(path):
         return [path] if is_volume_file(path) else []
     if not os.path.isdir(path):
+        if is_volume_file(path):
+            raise UserError(f"volume {path} does not exist.\nFix: check the path of the .nii/.nii.gz file to score.")
         return []
     volumes, slices = [], []
     for folder, dirs, names in os.walk(path):

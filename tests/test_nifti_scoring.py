@@ -171,6 +171,11 @@ def test_existing_outputs_are_refused_and_kept(tmp_path):
     assert nifti.read_bytes() == before
 
 
+def test_a_missing_volume_is_named(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        volume_scoring.find_volumes(str(tmp_path / "sub-x.nii.gz"))
+
+
 def test_a_folder_of_volumes_and_slices_is_refused(tmp_path):
     write(ras_image(), tmp_path / "sub-a.nii.gz")
     (tmp_path / "x__000.png").write_bytes(b"")
