@@ -42,9 +42,14 @@ def slice_filename(pid, index):
     return f"{pid}__{index:03d}.png"
 
 
+def to_8bit(image01):
+    """A 2D array in [0, 1] as the uint8 pixels of a slice PNG (what every prepared slice goes through)."""
+    return np.clip(np.rint(np.asarray(image01, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
 def save_slice_png(image01, path):
     """Write a 2D array in [0, 1] as an 8-bit grayscale PNG, atomically (temporary file, then rename)."""
-    pixels = np.clip(np.rint(np.asarray(image01, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+    pixels = to_8bit(image01)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")  # hidden: never listed as a slice

@@ -111,7 +111,15 @@ def build_parser():
     e.add_argument("--save_maps", type=int, default=0, help="write anomaly-map panels for the first K slices of each class")
     e.add_argument("--flag_percentile", type=float, default=95.0,
                    help="score mode: flag patients above this percentile of known-healthy patient scores")
-    e.add_argument("--output", type=str, default=None, help="score mode: CSV to write (default under the run folder)")
+    e.add_argument("--output", type=str, default=None,
+                   help="score mode: CSV to write (default under the run folder); for NIfTI input the anomaly "
+                        "maps go to the folder named like it without .csv")
+    e.add_argument("--min_brain_fraction", type=float, default=0.3,
+                   help="score mode, NIfTI input: keep axial slices with at least this fraction of the largest "
+                        "slice's brain area (as prepare_data.py nifti; use the value the training data used)")
+    e.add_argument("--slices", type=str, default=None,
+                   help="score mode, NIfTI input: score this half-open range START:STOP of axial indices of the "
+                        "RAS-reoriented volume instead (as prepare_data.py nifti --slices)")
 
     d = p.add_argument_group("paths and devices")
     d.add_argument("--mode", type=str, default="train", choices=MODES + tuple(MODE_ALIASES),

@@ -26,7 +26,7 @@ from data_loader import save_slice_png, slice_filename
 from errors import UserError, run_cli
 
 FOLDERS = ("train/pos", "train/neg_mixed", "train/neg", "test/pos", "test/neg")
-WRITTEN = ("train", "test", "masks", "brain_masks", "manifest.csv", "baseline.json")  # what --overwrite replaces
+WRITTEN = ("train", "test", "masks", "brain_masks", "nifti", "manifest.csv", "baseline.json")  # what --overwrite replaces
 MANIFEST_COLUMNS = ("path", "pid", "split", "folder", "label", "severity")
 
 SLICE_BAND_MM = (-20.0, 22.0)  # axial MNI z band: hippocampi and temporal horns up to the ventricle bodies
@@ -259,6 +259,23 @@ def render_subject(template, seed, severity, image_size=128, n_slices=8, lesions
             "brain": in_brain.reshape(shape)}
 
 
+def subject_nifti(image, image_size):
+    """A subject's slices (K, S, S), anterior up and MNI x across the columns, as a RAS NIfTI volume on the
+    nominal grid of subject_grid (FOV_MM / S in-plane, the band's nominal slice spacing)."""
+    import nibabel as nib
+    n_slices = image.shape[0]
+    pixel = FOV_MM / image_size
+    spacing = (SLICE_BAND_MM[1] - SLICE_BAND_MM[0]) / max(1, n_slices - 1)
+    volume = np.ascontiguousarray(image[:, ::-1, :].transpose(2, 1, 0), dtype=np.float32)  # (x, y, z), y up
+    half = FOV_MM / 2 * (1 - 1 / image_size)
+    affine = np.diag([pixel, pixel, spacing, 1.0])
+    affine[:3, 3] = (BRAIN_CENTRE_MM[0] - half, BRAIN_CENTRE_MM[1] - half, SLICE_BAND_MM[0])
+    nifti = nib.Nifti1Image(volume, affine)
+    nifti.set_qform(affine, code=1)  # scanner coordinates, as a converter writes them
+    nifti.set_sform(affine, code=4)  # MNI-aligned
+    return nifti
+
+
 def cohort_plan(mixed, disease_share, healthy, test_pos, test_neg, seed):
     """[(folder, label, subject number)] with subject numbers shuffled, so a pid does not give its folder away."""
     n_pos = int(round(mixed * disease_share))
@@ -291,7 +308,7 @@ def check_output(out_dir, overwrite):
 
 
 def make_cohort(out_dir, mixed=80, disease_share=0.4, healthy=80, test_pos=40, test_neg=40, image_size=128,
-                n_slices=8, severity=(0.4, 1.0), seed=0, lesions=False, overwrite=False, progress=True):
+                n_slices=8, severity=(0.4, 1.0), seed=0, lesions=False, overwrite=False, progress=True, nifti=False):
     """Write the cohort under out_dir and return the manifest rows (dicts with MANIFEST_COLUMNS)."""
     if min(mixed, healthy, test_pos, test_neg) < 0 or not 0 <= disease_share <= 1:
         raise UserError("subject counts must be >= 0 and --disease_share in [0, 1].\nFix: correct the flags.")
@@ -313,6 +330,10 @@ def make_cohort(out_dir, mixed=80, disease_share=0.4, healthy=80, test_pos=40, t
             save_slice_png(slices["brain"][k], os.path.join(out_dir, "brain_masks", relative))
             rows.append({"path": relative, "pid": pid, "split": folder.split("/")[0], "folder": folder,
                          "label": label, "severity": f"{subject_severity:.3f}"})
+        if nifti:
+            os.makedirs(os.path.join(out_dir, "nifti", folder), exist_ok=True)
+            subject_nifti(slices["image"], image_size).to_filename(os.path.join(out_dir, "nifti", folder,
+                                                                                f"{pid}.nii.gz"))
     with open(os.path.join(out_dir, "manifest.csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
@@ -362,6 +383,9 @@ def parse_args(argv):
     parser.add_argument("--lesions", action="store_true", help="add focal T1-hypointense white-matter lesions")
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace a cohort already in out_dir ({', '.join(WRITTEN)}); other files are kept")
+    parser.add_argument("--nifti", action="store_true",
+                        help="also write each subject as a RAS NIfTI volume, nifti/<folder>/<pid>.nii.gz "
+                             "(e.g. to try score.sh on whole scans)")
     parser.add_argument("--contact_sheet", default=None, help="also save a healthy-vs-diseased example grid here")
     return parser.parse_args(argv)
 
@@ -370,7 +394,8 @@ def run(argv=None):
     args = parse_args(argv)
     started = time.time()
     rows = make_cohort(args.out_dir, args.mixed, args.disease_share, args.healthy, args.test_pos, args.test_neg,
-                       args.image_size, args.slices, tuple(args.severity), args.seed, args.lesions, args.overwrite)
+                       args.image_size, args.slices, tuple(args.severity), args.seed, args.lesions, args.overwrite,
+                       nifti=args.nifti)
     if args.contact_sheet:
         contact_sheet(args.contact_sheet, image_size=args.image_size)
     subjects = len({row["pid"] for row in rows})

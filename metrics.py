@@ -91,6 +91,14 @@ def evaluate(labels, scores):
     }
 
 
+def slice_auroc(pids, slice_scores, labels):
+    """Slice-level ROC AUC: every slice scored on its own, labelled with its patient's label (as aggregated)."""
+    patients = aggregate_patients(pids, slice_scores, labels)
+    patient_label = dict(zip(patients["pid"], patients["label"]))
+    slice_labels, scores = _check_binary([patient_label[pid] for pid in np.asarray(pids, dtype=str)], slice_scores)
+    return float(roc_auc_score(slice_labels, scores))
+
+
 def aucp_to_auc(aucp, rho):
     """AUC estimated from the label-free AUCp: (AUCp - rho/2) / (1 - rho).
 
@@ -119,7 +127,7 @@ def healthy_percentile_threshold(healthy_patient_scores, percentile=95):
 
 
 class PixelMetrics:
-    """Streaming pixel-level AUROC and best Dice where ground-truth masks exist, in bounded memory.
+    """Streaming pixel-level AUROC, AUPRC and best Dice where ground-truth masks exist, in bounded memory.
 
     Anomaly-map values are clipped into value_range and counted in n_bins equal bins, separately for
     lesion and non-lesion pixels; memory is two histograms whatever the number of images. Thresholds are the
@@ -153,7 +161,9 @@ class PixelMetrics:
         self.negative += np.histogram(values[~mask], bins=self.edges)[0]
 
     def compute(self):
-        """Pixel AUROC (trapezoid over the binned ROC) and the best Dice over bin thresholds (pixel >= threshold)."""
+        """Pixel AUROC (trapezoid over the binned ROC), pixel AUPRC (average precision: sum over thresholds of
+    the recall gained times the precision there, sklearn's definition) and the best Dice over bin thresholds
+    (pixel >= threshold)."""
         n_pos, n_neg = int(self.positive.sum()), int(self.negative.sum())
         if n_pos == 0 or n_neg == 0:
             raise ValueError(
@@ -163,9 +173,12 @@ class PixelMetrics:
         fp = np.append(np.cumsum(self.negative[::-1])[::-1], 0)
         tpr, fpr = tp[::-1] / n_pos, fp[::-1] / n_neg  # from (0, 0) to (1, 1)
         auroc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+        predicted = tp + fp
+        precision = np.divide(tp, predicted, out=np.ones(tp.shape), where=predicted > 0)
+        auprc = float(np.sum((tp[:-1] - tp[1:]) / n_pos * precision[:-1]))
         dice = 2.0 * tp[:-1] / (2.0 * tp[:-1] + fp[:-1] + (n_pos - tp[:-1]))
         best = int(np.argmax(dice))
-        return {"pixel_auroc": auroc, "best_dice": float(dice[best]), "best_dice_threshold": float(self.edges[best])}
+        return {"pixel_auroc": auroc, "pixel_auprc": auprc, "best_dice": float(dice[best]), "best_dice_threshold": float(self.edges[best])}
 
     def reset(self):
         self.positive[:] = 0

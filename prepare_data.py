@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -218,21 +219,44 @@ def parse_slices(text):
     return int(match.group(1)), int(match.group(2))
 
 
+def load_volume(path):
+    """(the NIfTI image as stored, its data float32 XxYxZ reoriented to RAS, voxel sizes (3,) in RAS order).
+
+    Refused with a UserError naming the path: a file nibabel cannot read, a 2D image, a 4D series, and a
+    volume without usable intensities (all NaN/inf, or constant).
+    """
+    import nibabel as nib
+    fix = "Fix: replace it with a 3D T1 .nii/.nii.gz volume, or remove it from the input."
+    try:
+        image = nib.load(path)
+        shape = tuple(int(n) for n in image.shape)
+    except Exception as err:  # nibabel raises many types for broken files
+        raise UserError(f"cannot read volume {path} as NIfTI ({err}).\n{fix}") from err
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) > 3:
+        raise UserError(f"volume {path} is a {len(shape)}D series of shape {shape}; one 3D T1 volume is needed.\n"
+                        f"Fix: extract one volume first (e.g. fslroi IN OUT 0 1), then score or prepare that.")
+    if len(shape) < 3 or min(shape) < 2:
+        raise UserError(f"volume {path} is a 2D image of shape {shape}; a 3D T1 volume is needed.\n{fix}")
+    try:
+        canonical = nib.as_closest_canonical(image)
+        data = np.asarray(canonical.get_fdata(dtype=np.float32)).reshape(canonical.shape[:3])
+    except Exception as err:
+        raise UserError(f"cannot read volume {path} as NIfTI ({err}).\n{fix}") from err
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise UserError(f"volume {path} holds no finite intensity (every voxel is NaN or inf).\n{fix}")
+    if data[finite].min() == data[finite].max():
+        raise UserError(f"volume {path} has one constant intensity ({data[finite].min():g}) everywhere.\n{fix}")
+    zooms = np.asarray(canonical.header.get_zooms()[:3], dtype=np.float64)
+    return image, np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0), zooms
+
+
 def load_canonical(path):
     """(data float32 XxYxZ in RAS order, voxel sizes (3,)) of a NIfTI file."""
-    import nibabel as nib
-    try:
-        image = nib.as_closest_canonical(nib.load(path))
-        data = np.asarray(image.get_fdata(dtype=np.float32))
-    except Exception as err:  # nibabel raises many types for broken files
-        raise UserError(f"cannot read volume {path} ({err}).\nFix: replace the file or remove its CSV row.") from err
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise UserError(f"volume {path} has shape {data.shape}; a 3D T1 volume is needed.\n"
-                        f"Fix: extract one 3D volume from it first.")
-    zooms = np.asarray(image.header.get_zooms()[:3], dtype=np.float64)
-    return np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0), zooms
+    _, data, zooms = load_volume(path)
+    return data, zooms
 
 
 def brain_mask(data, mask_path=None):
@@ -278,24 +302,58 @@ def axial_to_image(slice_xy):
     return slice_xy.T[::-1, ::-1]
 
 
-def square_resize(image, pixel_size, image_size):
-    """Resize to physical proportions (pixel_size = (row mm, column mm)), pad centred to a square image_size."""
-    rows, cols = image.shape
-    height_mm, width_mm = rows * pixel_size[0], cols * pixel_size[1]
+def image_to_axial(image):
+    """Inverse of axial_to_image: display image (rows, columns) -> RAS axial slice (x, y)."""
+    return image[::-1, ::-1].T
+
+
+def resize_float(image, rows, cols):
+    """Bilinear resize of a float image to rows x cols (PIL, antialiased when shrinking)."""
+    resized = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
+    return np.asarray(resized.resize((cols, rows), Image.BILINEAR), dtype=np.float32)
+
+
+def square_layout(shape, pixel_size, image_size):
+    """(top, left, rows, cols) of the block a shape-sized image fills inside square_resize's canvas."""
+    height_mm, width_mm = shape[0] * pixel_size[0], shape[1] * pixel_size[1]
     scale = image_size / max(height_mm, width_mm)
     new_rows = min(image_size, max(1, int(round(height_mm * scale))))
     new_cols = min(image_size, max(1, int(round(width_mm * scale))))
-    resized = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
-    resized = np.asarray(resized.resize((new_cols, new_rows), Image.BILINEAR), dtype=np.float32)
+    return (image_size - new_rows) // 2, (image_size - new_cols) // 2, new_rows, new_cols
+
+
+def square_resize(image, pixel_size, image_size):
+    """Resize to physical proportions (pixel_size = (row mm, column mm)), pad centred to a square image_size."""
+    top, left, new_rows, new_cols = square_layout(image.shape, pixel_size, image_size)
     canvas = np.zeros((image_size, image_size), dtype=np.float32)
-    top, left = (image_size - new_rows) // 2, (image_size - new_cols) // 2
-    canvas[top:top + new_rows, left:left + new_cols] = np.clip(resized, 0.0, 1.0)
+    canvas[top:top + new_rows, left:left + new_cols] = np.clip(resize_float(image, new_rows, new_cols), 0.0, 1.0)
     return canvas
 
 
-def volume_to_slices(path, mask_path=None, min_brain_fraction=0.3, slice_range=None, image_size=192):
-    """[(axial index, image_size x image_size array in [0, 1])] of one volume."""
-    data, zooms = load_canonical(path)
+def unsquare(canvas, shape, pixel_size):
+    """Inverse of square_resize: the block of the canvas that holds the image, resized back to shape."""
+    top, left, new_rows, new_cols = square_layout(shape, pixel_size, canvas.shape[0])
+    return resize_float(canvas[top:top + new_rows, left:left + new_cols], shape[0], shape[1])
+
+
+@dataclass
+class PreparedVolume:
+    """One volume as `prepare_data.py nifti` prepares it, with what is needed to map slices back onto it."""
+    path: str
+    image: object           # the nibabel image as stored (its grid and affine are the output's)
+    normalised: np.ndarray  # XxYxZ in RAS order, [0, 1]
+    zooms: np.ndarray       # voxel sizes (3,) in RAS order
+    indices: list           # kept axial indices of the RAS volume
+    slices: list            # image_size x image_size arrays in [0, 1], one per index
+
+    @property
+    def pixel_size(self):
+        return (self.zooms[1], self.zooms[0])  # display rows run along y (A-P), columns along x (R-L)
+
+
+def prepare_volume(path, mask_path=None, min_brain_fraction=0.3, slice_range=None, image_size=192):
+    """Read, reorient, brain-mask, normalise, choose and resize the axial slices of one volume."""
+    image, data, zooms = load_volume(path)
     mask = brain_mask(data, mask_path)
     if not mask.any():
         raise UserError(f"no brain voxels found in {path}" + (f" with mask {mask_path}" if mask_path else "")
@@ -304,8 +362,16 @@ def volume_to_slices(path, mask_path=None, min_brain_fraction=0.3, slice_range=N
     if mask_path is not None:
         normalised = np.where(mask, normalised, 0.0)  # a given brain mask also strips the skull
     indices = choose_slices(mask, min_brain_fraction, slice_range, path)
-    pixel_size = (zooms[1], zooms[0])  # display rows run along y (A-P), columns along x (R-L)
-    return [(k, square_resize(axial_to_image(normalised[:, :, k]), pixel_size, image_size)) for k in indices]
+    prepared = PreparedVolume(path, image, normalised, zooms, indices, [])
+    prepared.slices = [square_resize(axial_to_image(normalised[:, :, k]), prepared.pixel_size, image_size)
+                       for k in indices]
+    return prepared
+
+
+def volume_to_slices(path, mask_path=None, min_brain_fraction=0.3, slice_range=None, image_size=192):
+    """[(axial index, image_size x image_size array in [0, 1])] of one volume."""
+    prepared = prepare_volume(path, mask_path, min_brain_fraction, slice_range, image_size)
+    return list(zip(prepared.indices, prepared.slices))
 
 
 def prepare_nifti(volumes, split, out, masks=None, min_brain_fraction=0.3, slices=None, image_size=192,

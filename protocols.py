@@ -22,7 +22,7 @@ import scoring
 import visualize
 from checkpoint import replace_config
 from networks import load_for_scoring, resolve_iteration
-from training_log import start_neptune
+from training_log import log_protocol, start_neptune
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,12 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     if healthy_maps is not None:
         consumers.append(healthy_maps)
     scores = scoring.score_slices(runtime, networks, paths, consumers)
-    patients = metrics.aggregate_patients([data_loader.patient_id(p) for p in paths], scores, labels)
+    pids = [data_loader.patient_id(p) for p in paths]
+    patients = metrics.aggregate_patients(pids, scores, labels)
     result = {"protocol": name, "checkpoint": iteration, "reconstruction": reconstruction,
               **metrics.evaluate(patients["label"], patients["score"]),
-              "n_patients": len(patients["pid"]), "n_slices": len(paths)}
+              "n_patients": len(patients["pid"]), "n_slices": len(paths),
+              "slice_auroc": metrics.slice_auroc(pids, scores, labels)}
     result["threshold_note"] = "sensitivity = specificity point, fitted on these same labels (optimistic)"
     if networks.refiner is not None:
         result.update(ddim_steps=c.ddim_steps, refiner_samples=c.refiner_samples,
@@ -111,6 +113,7 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     visualize.save_roc_curve(patients["label"], patients["score"], out.roc_plot(name), title)
     visualize.save_score_histogram(patients["label"], patients["score"], result["threshold"], out.score_plot(name),
                                    title, label_names=protocol.label_names)
+    log_protocol(c, result, out.folder)
     return result
 
 
@@ -186,7 +189,7 @@ def print_result(result, out_dir):
             ("threshold (sens = spec)", result["threshold"])]
     if "auc_estimate_from_rho" in result:
         rows.append((f"AUC estimate (rho {result['rho']})", result["auc_estimate_from_rho"]))
-    for key in ("pixel_auroc", "best_dice"):
+    for key in ("slice_auroc", "pixel_auroc", "pixel_auprc", "best_dice"):
         if key in result:
             rows.append((key.replace("_", " "), result[key]))
     print(f"\n{protocol.title} protocol, checkpoint {result['checkpoint']} "

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Score an unlabelled folder of slices with the model trained on data/NAME, checkpoint ITER, e.g.
-#   bash score.sh MedicalData 100000 new_scans/ --save_maps 4
-# Writes one row per patient (pid, n_slices, score, flagged) to runs/NAME/results/ITER/.../scores_FOLDER.csv.
+# Score new scans with the model trained on data/NAME, checkpoint ITER, e.g.
+#   bash score.sh MedicalData 100000 new_scans/ --save_maps 4      (a folder of PNG/JPG slices <pid>__NNN.png)
+#   bash score.sh MedicalData 100000 sub-01.nii.gz                 (a NIfTI volume, or a folder of them)
+# Writes one row per patient/scan (pid, n_slices, score, flagged) to runs/NAME/results/ITER/.../scores_TAG.csv.
+# NIfTI input is prepared as `prepare_data.py nifti` does (--min_brain_fraction / --slices as there), and each
+# scan also gets TAG-folder/<pid>_anomaly.nii.gz (the map on the scan's own grid and affine) and <pid>_anomaly.png.
+# A bad volume given alone stops with exit 2; inside a folder it is skipped with a warning (exit 0 when at least
+# one volume was scored). Existing outputs are never overwritten.
 set -euo pipefail
 if [ $# -lt 3 ]; then
-  echo "usage: bash score.sh NAME ITER FOLDER [main.py flags]" >&2
+  echo "usage: bash score.sh NAME ITER PATH [main.py flags]   (PATH: folder of slices, .nii/.nii.gz, or folder of them)" >&2
   exit 2
 fi
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"

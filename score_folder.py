@@ -1,28 +1,33 @@
-"""Score mode: score an unlabelled folder of slices with checkpoint ITER and flag the patients above a
-percentile of the known-healthy set's patient scores (a label-free threshold)."""
-import os
-
+"""Score mode: score an unlabelled folder of slices, or NIfTI volumes (a .nii/.nii.gz file or a folder of them,
+see volume_scoring.py), with checkpoint ITER and flag the patients above a percentile of the known-healthy set's
+patient scores (a label-free threshold)."""
 import numpy as np
 
 import data_loader
 import metrics
 import run_layout
 import scoring
+import volume_scoring
 from networks import load_for_scoring, resolve_iteration
 from protocols import known_healthy_reference
 
 
 def score_folder(runtime, config):
-    """Score --image_dir (every image below it) with --test_iters; one CSV row per patient."""
+    """Score --image_dir (every image below it, or NIfTI volumes) with --test_iters; one CSV row per patient."""
     c = config
     folder = c.image_dir
-    paths = data_loader.list_images_recursive(folder)
+    volumes = volume_scoring.find_volumes(folder)
+    paths = None if volumes else data_loader.list_images_recursive(folder)
     iteration = resolve_iteration(c, c.test_iters)
     networks = load_for_scoring(runtime, c, iteration)
     reference = known_healthy_reference(runtime, networks)
     threshold = metrics.healthy_percentile_threshold(np.array(reference["healthy_patient_scores"]), c.flag_percentile)
     out = run_layout.CheckpointResults(c.result_dir, iteration, networks.reconstruction)
-    tag = os.path.basename(os.path.normpath(folder))
+    tag = volume_scoring.input_tag(folder)
+    if volumes:  # whole scans: maps written back onto each scan's grid
+        return volume_scoring.score_volumes_command(volumes, scoring.anomaly_maps(runtime, networks), networks.config,
+                                                    threshold, c.output or out.folder_scores(tag),
+                                                    f"checkpoint {iteration} ({networks.reconstruction})")
     panels = scoring.AnomalyPanels(paths, None, None, out.folder_maps(tag), c.save_maps, folder,
                                    networks.config.image_size)
     scores = scoring.score_slices(runtime, networks, paths, [panels] if c.save_maps > 0 else [])

@@ -3,7 +3,8 @@ x_c = tanh(x + G(x)), refined x_r = x_c + r_hat when a refiner is loaded), its a
 its slice score, the map's mean, in [0, 1].
 
 scored_batches yields what scoring computes, batch by batch; score_slices collects the slice scores and hands
-each batch to consumers, such as pixel_metrics_consumer, HealthyMapScale and AnomalyPanels below.
+each batch to consumers, such as pixel_metrics_consumer, HealthyMapScale and AnomalyPanels below. anomaly_maps
+is the same scoring as a callable on in-memory slices (volume_scoring.py: whole NIfTI scans in score mode).
 """
 import os
 import zlib
@@ -48,20 +49,35 @@ class ScoredBatch(NamedTuple):
 
 
 @torch.inference_mode()
+def score_batch(runtime, networks, x, names, index):
+    """The ScoredBatch of slices x (on runtime.device); their file names seed the refiner noise per slice."""
+    c = networks.config
+    noises = () if networks.refiner is None else [slice_noise(names, x.shape[1:], c.seed + k)
+                                                  for k in range(c.refiner_samples)]
+    coarse, refined = reconstruct(runtime, c, x, networks.generator, networks.refiner, noises)
+    reconstruction = coarse if refined is None else refined
+    anomaly_map = (x - reconstruction).abs().mean(dim=1) / 2
+    return ScoredBatch(np.asarray(index), x, coarse, refined, anomaly_map,
+                       anomaly_map.mean(dim=(1, 2)).cpu().double().numpy())
+
+
+@torch.inference_mode()
 def scored_batches(runtime, networks, paths):
     """Score the slices of `paths` with networks (networks.ScoringNetworks), one ScoredBatch at a time."""
     c = networks.config
     loader = data_loader.scoring_loader(paths, c.image_size, c.score_batch_size, **runtime.loader_options)
     for x, index in tqdm(loader, desc="scoring", unit="batch", leave=False):
         x = x.to(runtime.device, non_blocking=True)
-        names = [paths[i] for i in index]
-        noises = () if networks.refiner is None else [slice_noise(names, x.shape[1:], c.seed + k)
-                                                      for k in range(c.refiner_samples)]
-        coarse, refined = reconstruct(runtime, c, x, networks.generator, networks.refiner, noises)
-        reconstruction = coarse if refined is None else refined
-        anomaly_map = (x - reconstruction).abs().mean(dim=1) / 2
-        yield ScoredBatch(index.numpy(), x, coarse, refined, anomaly_map,
-                          anomaly_map.mean(dim=(1, 2)).cpu().double().numpy())
+        yield score_batch(runtime, networks, x, [paths[i] for i in index], index.numpy())
+
+
+def anomaly_maps(runtime, networks):
+    """volume_scoring's model: (batch (N, C, S, S) in [-1, 1], slice file names) -> (N, S, S) anomaly maps on the
+    CPU, scored as score_batch scores a slice PNG of that name (same reconstruction, same per-slice noise)."""
+    def maps(x, names):
+        x = x.to(runtime.device)
+        return score_batch(runtime, networks, x, names, np.arange(len(names))).anomaly_map.cpu()
+    return maps
 
 
 @torch.inference_mode()

@@ -134,12 +134,14 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
 
 @torch.no_grad()
 def save_samples(runtime, config, generator, fixed_mixed, fixed_healthy, step):
+    """Write SAMPLE_DIR/STEP-images.png (input | map | reconstruction, mixed then healthy); return the grid."""
     columns = []
     for x in (fixed_mixed, fixed_healthy):
         x = x.to(runtime.device)
         anomaly_map = generator(x).float()
         columns += [x, anomaly_map, healthy_reconstruction(x, anomaly_map)]
-    visualize.save_sample_grid([col.cpu() for col in columns], os.path.join(config.sample_dir, f"{step}-images.png"))
+    return visualize.save_sample_grid([col.cpu() for col in columns],
+                                      os.path.join(config.sample_dir, f"{step}-images.png"))
 
 
 def non_finite_error(config, iteration, losses):
@@ -204,7 +206,8 @@ def train(runtime, config):
             logger.log({k: v.item() for k, v in losses.items() if not k.endswith("/loss")}, step, progress)
         if step % c.sample_step == 0 or step == c.num_iters:
             finite.check()
-            save_samples(runtime, c, scored_generator, fixed_mixed, fixed_healthy, step)
+            logger.log_image("samples/stage1", save_samples(runtime, c, scored_generator, fixed_mixed,
+                                                            fixed_healthy, step), step)
         if step % c.model_save_step == 0 or step == c.num_iters:
             finite.check()
             save_stage1(c, step, generator, g_ema, critic, g_optimizer, d_optimizer, (mixed, healthy),

@@ -1,6 +1,12 @@
-"""Training logs: losses to the progress bar, TensorBoard (default) and neptune.ai (only when asked for)."""
+"""Training logs: losses to the progress bar, TensorBoard (default) and neptune.ai (only when asked for);
+TensorBoard also gets stage 1's sample grids and, after a protocol, its AUCs and figures (log_protocol)."""
 import os
 
+import numpy as np
+import torch
+
+import visualize
+from checkpoint import replace_config
 from errors import UserError
 
 
@@ -23,11 +29,41 @@ class TrainingLogger:
             if self.neptune_run:
                 self.neptune_run[key].append(value, step=step)
 
+    def log_image(self, tag, image, step):
+        """An image (C, H, W) or (H, W) in [0, 1], e.g. a sample grid, to TensorBoard (neptune gets scalars only)."""
+        if self.writer:
+            image = torch.as_tensor(np.asarray(image, dtype=np.float32))
+            self.writer.add_image(tag, image[None] if image.ndim == 2 else image, step)
+
+    def log_figure(self, tag, png_path, step):
+        """A figure visualize.py wrote (ROC, anomaly panel), logged as the same picture."""
+        self.log_image(tag, visualize.read_png(png_path), step)
+
     def close(self):
         if self.writer:
             self.writer.close()
         if self.neptune_run:
             self.neptune_run.stop()
+
+
+def log_protocol(config, result, out_dir, n_maps=4):
+    """A protocol's AUCs, ROC, score histogram and first anomaly panels (out_dir: its results folder) to
+    TensorBoard under log_dir/test-PROTOCOL, at step = checkpoint."""
+    if not config.use_tensorboard:
+        return
+    protocol, step = result["protocol"], result["checkpoint"]
+    logger = TrainingLogger(replace_config(config, use_neptune=False), f"test-{protocol}")
+    for key in ("auc", "slice_auroc", "pixel_auroc", "pixel_auprc"):
+        if key in result:
+            logger.writer.add_scalar(f"{protocol}/{result['reconstruction']}/{key}", result[key], step)
+    figures = [f"{protocol}_roc.png", f"{protocol}_scores.png"]
+    maps_dir = os.path.join(out_dir, f"maps_{protocol}")
+    if os.path.isdir(maps_dir):
+        figures += [os.path.join(f"maps_{protocol}", n) for n in sorted(os.listdir(maps_dir))[:n_maps]]
+    for name in figures:
+        logger.log_figure(f"{protocol}/{result['reconstruction']}/{os.path.splitext(name)[0]}",
+                          os.path.join(out_dir, name), step)
+    logger.close()
 
 
 def start_neptune(config):

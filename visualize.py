@@ -122,9 +122,41 @@ def normalise_per_image(x):
 
 
 def save_sample_grid(columns, path):
-    """One PNG, one row per sample, columns side by side (e.g. input | map | reconstruction), each in [-1, 1]."""
+    """One PNG, one row per sample, columns side by side (e.g. input | map | reconstruction), each in [-1, 1].
+    Returns the picture as a (C, H, W) tensor in [0, 1]."""
     columns = [c.detach().float().cpu() for c in columns]
     channels = max(c.shape[1] for c in columns)
     row = torch.cat([c.expand(-1, channels, -1, -1) for c in columns], dim=3)  # widths add up along each row
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image(((row + 1) / 2).clamp(0, 1), path, nrow=1, padding=0)
+    grid = ((row + 1) / 2).clamp(0, 1)
+    save_image(grid, path, nrow=1, padding=0)
+    return torch.cat(list(grid), dim=1)  # (C, rows x H, W): the picture as written, for TensorBoard
+
+
+def save_overlay_montage(panels, path, title, threshold, aspect=1.0, label="anomaly"):
+    """Scan levels side by side: the scan in gray, the map above `threshold` in a hot colormap, one colorbar.
+
+    panels: [(name, scan in [0, 1], map)] of display images; aspect = row mm / column mm of a pixel.
+    """
+    top = max(float(max(np.max(m) for _, _, m in panels)), threshold + 1e-6)
+    fig, axes = plt.subplots(1, len(panels), figsize=(PANEL_INCHES * len(panels) + 1.0, PANEL_INCHES + 0.6),
+                             squeeze=False)
+    heat = None
+    for ax, (name, scan, anomaly_map) in zip(axes[0], panels):
+        ax.imshow(scan, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        shown = np.ma.masked_less_equal(np.asarray(anomaly_map, dtype=np.float64), threshold)
+        heat = ax.imshow(shown, cmap="hot", vmin=threshold, vmax=top, aspect=aspect, alpha=0.8,
+                         interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    colorbar = fig.colorbar(heat, ax=list(axes[0]), fraction=0.02, pad=0.01)
+    colorbar.set_label(f"{label} (shown above {threshold:.3g})")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def read_png(path):
+    """A PNG this module wrote as a (C, H, W) float array in [0, 1], RGB (alpha dropped)."""
+    from PIL import Image
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0

@@ -117,3 +117,19 @@ def test_refuses_a_non_empty_output_and_overwrite_keeps_other_files(tmp_path):
     make_cohort(str(root), overwrite=True, **TINY)
     assert (root / "notes.txt").read_text() == "mine"
     assert not (root / "train" / "pos" / "stale__000.png").exists()
+
+
+def test_nifti_flag_writes_each_subject_as_a_ras_volume_of_its_slices(tmp_path):
+    import nibabel as nib
+    root = str(tmp_path / "Demo")
+    rows = make_cohort(root, seed=3, nifti=True, **{**TINY, "mixed": 2, "healthy": 0, "test_pos": 0, "test_neg": 0})
+    row = rows[0]
+    volume = nib.load(os.path.join(root, "nifti", row["folder"], f"{row['pid']}.nii.gz"))
+    assert nib.aff2axcodes(volume.affine) == ("R", "A", "S") and volume.shape == (32, 32, 2)
+    assert int(volume.header["qform_code"]) == 1 and int(volume.header["sform_code"]) == 4
+    data = volume.get_fdata()
+    for k in range(2):
+        with Image.open(os.path.join(root, row["folder"], f"{row['pid']}__{k:03d}.png")) as png:
+            pixels = np.asarray(png, dtype=np.float64) / 255
+        # The PNG has anterior up and MNI x (left -> right) across: the volume's y runs upwards.
+        np.testing.assert_allclose(data[:, ::-1, k].T, pixels, atol=0.5 / 255 + 1e-6)

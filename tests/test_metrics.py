@@ -1,10 +1,10 @@
 """Metrics a user reads in every protocol report, checked against numbers computed by hand."""
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from metrics import (PixelMetrics, aggregate_patients, aucp_to_auc, equal_error_threshold, evaluate,
-                     healthy_percentile_threshold)
+                     healthy_percentile_threshold, slice_auroc)
 
 # Tiny protocol: healthy patients score 0.1, 0.3, 0.5; diseased ones 0.4, 0.9.
 LABELS = [0, 1, 0, 0, 1]
@@ -100,6 +100,31 @@ def test_pixel_metrics_hand_case():
     assert out["best_dice_threshold"] == pytest.approx(0.2)
     # Correctly ordered (lesion, other) pairs: 4 + 3 + 2 of 12.
     assert out["pixel_auroc"] == pytest.approx(9 / 12)
+    # Descending: 0.85 lesion (precision 1, recall 1/3), 0.65 lesion (2/3, 2/3), 0.25 lesion (3/5, 1).
+    assert out["pixel_auprc"] == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    assert out["pixel_auprc"] == pytest.approx(average_precision_score(mask, values))
+
+
+def test_pixel_auprc_equals_sklearn_average_precision_when_values_sit_in_distinct_bins():
+    rng = np.random.default_rng(1)
+    mask = rng.random((3, 16, 16)) < 0.15
+    bins = np.clip(np.round(rng.normal(40, 12, mask.shape) + 15 * mask), 0, 99)
+    values = (bins + 0.5) / 100  # bin centres of 100 bins: binning loses nothing, ties are real ties
+    metric = PixelMetrics(n_bins=100)
+    metric.update(values, mask)
+    assert metric.compute()["pixel_auprc"] == pytest.approx(average_precision_score(mask.ravel(), values.ravel()),
+                                                            abs=1e-12)
+
+
+def test_slice_auroc_labels_each_slice_with_its_patient():
+    # Patient a (healthy) slices 0.1, 0.6; patient b (diseased) 0.5, 0.9; c is in a healthy and a diseased folder
+    # (diseased wins), slices 0.2 (folder label 0) and 0.7. Pairs diseased > healthy: of 4 x 2 = 8, 0.5 < 0.6
+    # and 0.2 < 0.6 lose, 0.2 > 0.1 wins: 6 of 8.
+    pids = ["a", "a", "b", "b", "c", "c"]
+    scores = [0.1, 0.6, 0.5, 0.9, 0.2, 0.7]
+    labels = [0, 0, 1, 1, 0, 1]
+    assert slice_auroc(pids, scores, labels) == pytest.approx(6 / 8)
+    assert slice_auroc(pids, scores, labels) == pytest.approx(roc_auc_score([0, 0, 1, 1, 1, 1], scores))
 
 
 def test_region_restricts_counted_pixels():

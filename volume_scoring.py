@@ -1,0 +1,214 @@
+"""Score whole NIfTI scans: each volume is prepared exactly as `prepare_data.py nifti` prepares it, scored slice
+by slice, and its anomaly map is written back onto the scan's own voxel grid (`<pid>_anomaly.nii.gz`) with an
+overlay montage (`<pid>_anomaly.png`).
+
+The model is a callable, so nothing here knows about networks:
+    anomaly_maps(batch, names) -> (N, S, S) maps, batch (N, 1, S, S) in [-1, 1] on the CPU, names the slice file
+    names `<pid>__NNN.png` prepare_data would write (scoring.anomaly_maps seeds its refiner noise per slice from
+    them, so a slice scores the same from a volume as from its prepared PNG).
+
+Rule for bad volumes: a single file that cannot be scored stops with a UserError (exit 2). In a folder, such
+volumes are skipped with one warning each and the others are scored; exit 0 when at least one was scored.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import metrics
+import prepare_data
+import visualize
+from data_loader import BORDER_PAD, is_image_file, preprocess, slice_filename, to_8bit
+from errors import UserError
+from run_layout import write_csv
+
+MONTAGE_LEVELS = 6       # axial levels in the overlay picture
+OVERLAY_PERCENTILE = 95  # the overlay shows map values above this percentile of the scored brain voxels
+
+
+def is_volume_file(name):
+    return name.lower().endswith(prepare_data.NIFTI_EXTENSIONS) and not os.path.basename(name).startswith(".")
+
+
+def find_volumes(path):
+    """The NIfTI volumes PATH names (a .nii/.nii.gz file, or a folder holding them at any depth), or [] when
+    PATH is a folder of PNG/JPG slices (today's score mode)."""
+    if os.path.isfile(path):
+        return [path] if is_volume_file(path) else []
+    if not os.path.isdir(path):
+        if is_volume_file(path):
+            raise UserError(f"volume {path} does not exist.\nFix: check the path of the .nii/.nii.gz file to score.")
+        return []
+    volumes, slices = [], []
+    for folder, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        volumes += [os.path.join(folder, n) for n in sorted(names) if is_volume_file(n)]
+        slices += [os.path.join(folder, n) for n in sorted(names) if is_image_file(n)]
+    if volumes and slices:
+        raise UserError(f"{path} holds both NIfTI volumes (e.g. {volumes[0]}) and PNG/JPG slices (e.g. {slices[0]}).\n"
+                        f"Fix: put the volumes and the slices in separate folders and score each folder.")
+    return volumes
+
+
+def input_tag(path):
+    """Name of an input in output names: the folder name, or a file's name without .nii/.nii.gz."""
+    return prepare_data.strip_nifti_extension(os.path.basename(os.path.normpath(path)))
+
+
+def volume_pid(path):
+    return prepare_data.strip_nifti_extension(os.path.basename(path))
+
+
+def output_paths(folder, pid):
+    return os.path.join(folder, f"{pid}_anomaly.nii.gz"), os.path.join(folder, f"{pid}_anomaly.png")
+
+
+def slice_batch(prepared):
+    """(N, 1, S, S) tensor in [-1, 1] of a prepared volume: its PNG pixels through the one slice loader."""
+    return torch.stack([preprocess(to_8bit(image).astype(np.float32) / 255.0, image.shape[0])
+                        for image in prepared.slices])
+
+
+def uncrop_map(anomaly_map):
+    """Undo data_loader.preprocess on an (S, S) map of a square S x S slice: S -> S + 2 pad, drop the pad."""
+    side = anomaly_map.shape[-1]
+    grown = F.interpolate(torch.as_tensor(anomaly_map, dtype=torch.float32)[None, None],
+                          size=(side + 2 * BORDER_PAD,) * 2, mode="bilinear", align_corners=False)
+    return grown[0, 0, BORDER_PAD:-BORDER_PAD, BORDER_PAD:-BORDER_PAD].numpy()
+
+
+def canonical_map(prepared, maps):
+    """The (N, S, S) slice maps put back into the RAS volume: zero outside the scored slices."""
+    volume = np.zeros(prepared.normalised.shape, dtype=np.float32)
+    display_shape = prepared.normalised.shape[:2][::-1]  # axial_to_image: rows along y, columns along x
+    for k, anomaly_map in zip(prepared.indices, maps):
+        image = prepare_data.unsquare(uncrop_map(anomaly_map), display_shape, prepared.pixel_size)
+        volume[:, :, k] = prepare_data.image_to_axial(np.clip(image, 0.0, None))
+    return volume
+
+
+def to_input_grid(prepared, canonical):
+    """A RAS-ordered array (what as_closest_canonical made) back in the stored volume's axis order."""
+    import nibabel as nib
+    stored = nib.orientations.io_orientation(prepared.image.affine)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), stored)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(canonical, back), dtype=np.float32)
+
+
+def anomaly_image(prepared, volume):
+    """A float32 NIfTI of `volume` (the input's grid) with the input's header, affine, qform and sform."""
+    import nibabel as nib
+    source = prepared.image
+    image_class = type(source) if isinstance(source, nib.Nifti1Image) else nib.Nifti1Image
+    header = source.header.copy() if isinstance(source, nib.Nifti1Image) else None
+    image = image_class(volume, source.affine, header=header)
+    image.set_data_dtype(np.float32)
+    image.header.set_slope_inter(1.0, 0.0)
+    if header is not None:
+        image.set_qform(source.get_qform(), code=int(source.header["qform_code"]))
+        image.set_sform(source.get_sform(), code=int(source.header["sform_code"]))
+    image.header["cal_min"], image.header["cal_max"] = 0.0, float(volume.max())
+    image.header["descrip"] = b"Brainomaly-Diff anomaly map |x - x_r| / 2"
+    return image
+
+
+def score_volume(prepared, anomaly_maps, batch_size):
+    """(slice scores (N,), slice maps (N, S, S)) of a prepared volume; slice score = mean of its map."""
+    batch = slice_batch(prepared)
+    pid = volume_pid(prepared.path)
+    names = [slice_filename(pid, k) for k in prepared.indices]
+    maps = []
+    with torch.inference_mode():
+        for start in range(0, len(batch), batch_size):
+            chunk = anomaly_maps(batch[start:start + batch_size], names[start:start + batch_size])
+            maps.append(torch.as_tensor(chunk).detach().float().cpu().numpy())
+    maps = np.concatenate(maps)
+    if maps.shape != (len(batch),) + tuple(batch.shape[-2:]):
+        raise ValueError(f"anomaly_maps returned shape {maps.shape} for a batch of shape {tuple(batch.shape)}")
+    return maps.mean(axis=(1, 2)).astype(np.float64), maps
+
+
+def save_overlay(prepared, canonical, path, title):
+    """Montage of the map over the scan at MONTAGE_LEVELS axial levels of the scored slices."""
+    scored = canonical[:, :, prepared.indices]
+    positive = scored[scored > 0]
+    threshold = float(np.percentile(positive, OVERLAY_PERCENTILE)) if positive.size else 0.0
+    picks = np.unique(np.linspace(0, len(prepared.indices) - 1, min(MONTAGE_LEVELS, len(prepared.indices)))
+                      .round().astype(int))
+    levels = [prepared.indices[i] for i in picks]
+    panels = [(f"axial {k}", prepare_data.axial_to_image(prepared.normalised[:, :, k]),
+               prepare_data.axial_to_image(canonical[:, :, k])) for k in levels]
+    aspect = prepared.pixel_size[0] / prepared.pixel_size[1]
+    visualize.save_overlay_montage(panels, path, f"{title}\naxial slices of the RAS volume, anterior up, patient's "
+                                   f"right on the left", threshold, aspect, label="anomaly |x - x_r| / 2")
+
+
+def refuse_existing(csv_path, volume_dir, pids):
+    existing = [p for p in [csv_path] + [q for pid in pids for q in output_paths(volume_dir, pid)] if os.path.exists(p)]
+    if existing:
+        raise UserError(f"{len(existing)} output(s) of this scoring run already exist, e.g. {existing[0]}; nothing was "
+                        f"written.\nFix: pass another --output CSV (the maps go to the folder named like it), or "
+                        f"move those files away.")
+
+
+def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_size=16, min_brain_fraction=0.3,
+                  slice_range=None):
+    """Score NIfTI volumes; write each scan's anomaly NIfTI and overlay PNG into the folder named like csv_path
+    without .csv. Returns (CSV rows pid, n_slices, score, flagged; [(skipped path, reason)]); the caller writes
+    the rows to csv_path (refused up front, like the maps, when it exists)."""
+    volume_dir = os.path.splitext(csv_path)[0]
+    pids = [volume_pid(p) for p in volumes]
+    seen = {}
+    for path, pid in zip(volumes, pids):
+        if pid in seen:
+            raise UserError(f"two volumes would share the patient id {pid}: {seen[pid]} and {path}.\n"
+                            f"Fix: rename one of them, or score their folders separately.")
+        seen[pid] = path
+    refuse_existing(csv_path, volume_dir, pids)
+    rows, skipped = [], []
+    for number, (path, pid) in enumerate(zip(volumes, pids), start=1):
+        try:
+            prepared = prepare_data.prepare_volume(path, None, min_brain_fraction, slice_range, image_size)
+        except UserError as err:
+            if len(volumes) == 1:
+                raise
+            skipped.append((path, str(err).splitlines()[0]))
+            print(f"warning: skipped {path}: {skipped[-1][1]}", file=sys.stderr)
+            continue
+        slice_scores, maps = score_volume(prepared, anomaly_maps, batch_size)
+        patient = metrics.aggregate_patients([pid] * len(slice_scores), slice_scores)
+        score = float(patient["score"][0])
+        canonical = canonical_map(prepared, maps)
+        nifti_path, png_path = output_paths(volume_dir, pid)
+        os.makedirs(volume_dir, exist_ok=True)
+        anomaly_image(prepared, to_input_grid(prepared, canonical)).to_filename(nifti_path)
+        flagged = int(score > threshold)
+        save_overlay(prepared, canonical, png_path,
+                     f"{pid}: score {score:.4f} ({'flagged' if flagged else 'not flagged'}, threshold {threshold:.4f})")
+        rows.append({"pid": pid, "n_slices": len(slice_scores), "score": f"{score:.6f}", "flagged": flagged})
+        print(f"[{number}/{len(volumes)}] {pid}: {len(slice_scores)} slices, score {score:.6f} -> {nifti_path}",
+              flush=True)
+    if not rows:
+        raise UserError(f"none of the {len(volumes)} volumes could be scored:\n  "
+                        + "\n  ".join(f"{p}: {why}" for p, why in skipped)
+                        + "\nFix: replace them with 3D T1 .nii/.nii.gz volumes.")
+    return rows, skipped
+
+
+def score_volumes_command(volumes, anomaly_maps, config, threshold, csv_path, model_name):
+    """Score mode on NIfTI input: score, write the CSV (run_layout.write_csv), print a summary."""
+    slice_range = prepare_data.parse_slices(config.slices) if config.slices else None
+    rows, skipped = score_volumes(volumes, anomaly_maps, config.image_size, csv_path, threshold,
+                                  config.score_batch_size, config.min_brain_fraction, slice_range)
+    write_csv(rows, csv_path)
+    flagged = sum(row["flagged"] for row in rows)
+    print(f"Scored {len(rows)} of {len(volumes)} volumes from {config.image_dir} with {model_name}.\n"
+          f"Flagged {flagged} above the {config.flag_percentile:g}th percentile of known-healthy patient scores "
+          f"({threshold:.6f}).\nWrote {csv_path} and the anomaly maps (.nii.gz on each input's grid, overlay .png) "
+          f"in {os.path.splitext(csv_path)[0]}")
+    if skipped:
+        print(f"Skipped {len(skipped)} volume(s) that could not be scored:\n  "
+              + "\n  ".join(f"{path}: {why}" for path, why in skipped), file=sys.stderr)
+    return rows
