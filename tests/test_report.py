@@ -26,13 +26,18 @@ def test_summary_rows_put_refined_coarse_and_baseline_side_by_side(tmp_path, cap
     assert "0.900" in capsys.readouterr().out
 
 
-def test_learning_curve_plots_aucp_and_inductive_by_checkpoint(tmp_path, monkeypatch):
-    run = str(tmp_path / "run")
+def write_sweeps(run):
+    """The AUCp selection and the inductive sweep of checkpoints 10 and 20, as the protocols write them."""
     write(f"{run}/results/aucp_selection.json", {"table": [{"iteration": 10, "auc": 0.55, "reconstruction": "coarse"},
                                                            {"iteration": 20, "auc": 0.6, "reconstruction": "coarse"}]})
     write(f"{run}/results/inductive_by_iteration.json",
           {"table": [{"iteration": 10, "auc": 0.7, "reconstruction": "coarse"},
                      {"iteration": 20, "auc": 0.8, "reconstruction": "coarse"}]})
+
+
+def test_learning_curve_plots_aucp_and_inductive_by_checkpoint(tmp_path):
+    run = str(tmp_path / "run")
+    write_sweeps(run)
     path = report.learning_curve(run)
     assert path == f"{run}/results/learning_curve.png" and os.path.getsize(path) > 1000
     assert report.learning_curve(str(tmp_path / "empty")) is None
@@ -40,11 +45,7 @@ def test_learning_curve_plots_aucp_and_inductive_by_checkpoint(tmp_path, monkeyp
 
 def test_learning_curve_marks_the_refined_checkpoint_beside_the_coarse_curves(tmp_path, monkeypatch):
     run = str(tmp_path / "run")
-    write(f"{run}/results/aucp_selection.json", {"table": [{"iteration": 10, "auc": 0.55, "reconstruction": "coarse"},
-                                                           {"iteration": 20, "auc": 0.6, "reconstruction": "coarse"}]})
-    write(f"{run}/results/inductive_by_iteration.json",
-          {"table": [{"iteration": 10, "auc": 0.7, "reconstruction": "coarse"},
-                     {"iteration": 20, "auc": 0.8, "reconstruction": "coarse"}]})
+    write_sweeps(run)
     write(f"{run}/results/20/refined/inductive.json", {"auc": 0.85})
     write(f"{run}/results/20/refined/aucp.json", {"auc": 0.65})
     plotted = {}
