@@ -31,15 +31,16 @@ def main_print(*args, **kwargs):
 
 
 def init(device_choice="auto"):
-    """Join the torchrun process group when launched by torchrun; returns the local rank (0 without torchrun)."""
+    """Join the torchrun process group when launched by torchrun. True when this call started the group (its
+    caller closes it); False without torchrun or when the group already exists (several commands in one launch)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return int(os.environ.get("LOCAL_RANK", "0"))
+        return False
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_choice != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)  # before the group exists: NCCL binds each rank to its own GPU
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    return local_rank
+    return True
 
 
 def close():
