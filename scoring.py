@@ -55,11 +55,10 @@ class ScoredBatch(NamedTuple):
 @torch.inference_mode()
 def scored_batches(runtime, networks, paths):
     """Score the slices of `paths` with networks (networks.ScoringNetworks), one ScoredBatch at a time: all of
-    them in one process, this rank's whole batches under torchrun (index: positions in `paths` all the same)."""
+    them in one process, this rank's whole batches under torchrun (ScoredBatch.index is a position in `paths`)."""
     c = networks.config
-    mine = distributed.batch_shard(len(paths), c.score_batch_size)
     if runtime.world_size > 1:
-        mine = np.asarray(mine, dtype=np.int64)
+        mine = np.asarray(distributed.batch_shard(len(paths), c.score_batch_size), dtype=np.int64)
         loader = data_loader.scoring_loader([paths[i] for i in mine], c.image_size, c.score_batch_size,
                                             **runtime.loader_options)
     else:
