@@ -153,28 +153,30 @@ def scoring_loader(paths, image_size, batch_size, num_workers=0, pin_memory=Fals
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=False)
 
 
-def random_hflip(batch, generator):
-    flip = torch.rand(batch.shape[0], generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None].to(batch.device), batch.flip(-1), batch)
-
-
 class EndlessBatches:
-    """An endless stream of shuffled, randomly flipped training batches from one set of slices.
+    """An endless stream of shuffled, randomly flipped training batches from one set of slices: this rank's shard.
 
-    The mixed set M and the healthy set H each get their own stream and random generator, so the
-    (M, H) pairing is independent (the reference pairs them through one index). With preload the
-    decoded slices live in memory as float16 (exact for 8-bit PNGs, 2 bytes a pixel), which removes
-    PNG decoding from every iteration; without it a DataLoader streams them from disk.
+    The mixed set M and the healthy set H each get their own stream and seed, so the (M, H) pairing is
+    independent (the reference pairs them through one index). Every epoch has one order of all slices, the same
+    on every rank (seeded by seed and epoch); a step takes the next world_size * batch_size slices of it and
+    rank r keeps batch r of them, so N ranks x batch B read what one process with batch N*B reads. The position
+    (epoch, slices taken) and the flip generator are the state a checkpoint saves: resume is exact, also with
+    another number of ranks, and also while a DataLoader reads ahead from disk. With preload the decoded
+    slices live in memory as float16 (exact for 8-bit PNGs, 2 bytes a pixel); without it a DataLoader reads
+    this rank's slices from disk.
     """
 
     def __init__(self, paths, image_size, batch_size, seed, preload, num_workers=0, pin_memory=False,
-                 batch_flag="--batch_size", preload_device=None):
-        if len(paths) < batch_size:
+                 batch_flag="--batch_size", rank=0, world_size=1, preload_device=None):
+        if len(paths) < batch_size * world_size:
             raise UserError(f"only {len(paths)} training slices in {os.path.dirname(paths[0])} for a batch of "
-                            f"{batch_size}.\nFix: add slices or lower {batch_flag}.")
+                            f"{batch_size}" + (f" on each of {world_size} ranks" if world_size > 1 else "") +
+                            f".\nFix: add slices or lower {batch_flag}.")
         self.paths = list(paths)
-        self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)  # flips
+        self.epoch, self.position = 0, 0  # slices of this epoch's order taken by all ranks together
         self.images = None
         if preload:
             first = load_slice(self.paths[0], image_size)
@@ -184,36 +186,58 @@ class EndlessBatches:
                 self.images[i] = load_slice(path, image_size)
             if preload_device is not None:  # batches are then drawn and flipped there (same random numbers)
                 self.images = self.images.to(preload_device)
-        else:
-            self.loader = DataLoader(SliceDataset(self.paths, image_size), batch_size=batch_size, shuffle=True,
-                                     drop_last=True, generator=self.generator, num_workers=num_workers,
-                                     pin_memory=pin_memory, persistent_workers=num_workers > 0)
-        self._order, self._position, self._iterator = None, 0, None
+        self.dataset = SliceDataset(self.paths, image_size)
+        self.loader_options = {"num_workers": num_workers, "pin_memory": pin_memory}
+        self._batches = None
+
+    def epoch_order(self, epoch):
+        return torch.randperm(len(self.paths), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def upcoming_indices(self):
+        """This rank's slice indices for every step from the current position on."""
+        epoch, position, order = self.epoch, self.position, None
+        global_batch = self.batch_size * self.world_size
+        while True:
+            if position + global_batch > len(self.paths):
+                epoch, position, order = epoch + 1, 0, None
+            if order is None:
+                order = self.epoch_order(epoch)
+            start = position + self.rank * self.batch_size
+            yield order[start:start + self.batch_size].tolist()
+            position += global_batch
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self.images is not None:
-            if self._order is None or self._position + self.batch_size > len(self._order):
-                self._order, self._position = torch.randperm(len(self.images), generator=self.generator), 0
-            index = self._order[self._position:self._position + self.batch_size]
-            self._position += self.batch_size
-            batch = self.images[index.to(self.images.device)].float()
-        else:
-            try:
-                batch, _ = next(self._iterator)
-            except (StopIteration, TypeError):
-                self._iterator = iter(self.loader)
-                batch, _ = next(self._iterator)
-        return random_hflip(batch, self.generator)
+        if self._batches is None:
+            if self.images is not None:
+                self._batches = (self.images[index].float() for index in self.upcoming_indices())
+            else:  # the loader may read ahead; the position below advances only as batches are taken
+                loader = DataLoader(self.dataset, batch_sampler=self.upcoming_indices(), **self.loader_options)
+                self._batches = (batch for batch, _ in loader)
+        batch = next(self._batches)
+        global_batch = self.batch_size * self.world_size
+        if self.position + global_batch > len(self.paths):
+            self.epoch, self.position = self.epoch + 1, 0
+        self.position += global_batch
+        first = self.rank * self.batch_size
+        flip = torch.rand(global_batch, generator=self.generator)[first:first + self.batch_size] < 0.5
+        return torch.where(flip.to(batch.device)[:, None, None, None], batch.flip(-1), batch)
 
     def state_dict(self):
-        return {"generator": self.generator.get_state(), "order": self._order, "position": self._position}
+        # the seed too: it fixes every epoch's order, so the state alone says which slice comes next
+        return {"generator": self.generator.get_state(), "seed": self.seed, "epoch": self.epoch,
+                "position": self.position}
 
     def load_state_dict(self, state):
+        if "epoch" not in state:
+            raise UserError("this checkpoint's data-stream state was written by an older version (no epoch "
+                            "position).\nFix: start a new run, or resume it with the version that wrote it.")
         self.generator.set_state(state["generator"])
-        self._order, self._position = state["order"], state["position"]
+        self.seed = int(state.get("seed", self.seed))
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._batches = None  # the next batch is read from the restored position
 
 
 def should_preload(n_slices, image_size, choice, budget_bytes=3 * 2**30):
@@ -238,13 +262,13 @@ def hold_out_patients(paths, fraction, seed):
 
 
 def training_stream(paths, image_size, batch_size, seed, preload="auto", num_workers=0, pin_memory=False,
-                    batch_flag="--batch_size", preload_device=None):
-    """An endless batch stream over `paths`: the mixed set M and the healthy set H each get their own.
-    batch_flag names the flag that set batch_size (stage 2: --refiner_batch_size).
+                    batch_flag="--batch_size", rank=0, world_size=1, preload_device=None):
+    """An endless batch stream over `paths` (this rank's shard): the mixed set M and the healthy set H each get
+    their own. batch_flag names the flag that set batch_size (stage 2: --refiner_batch_size).
     preload_device: hold the preloaded slices there (e.g. the GPU) instead of in host memory."""
     use_memory = should_preload(len(paths), image_size, preload)
     return EndlessBatches(paths, image_size, batch_size, seed, use_memory, num_workers, pin_memory, batch_flag,
-                          preload_device)
+                          rank, world_size, preload_device)
 
 
 def protocol_slices(root, protocol):

@@ -222,15 +222,24 @@ class ResidualDiffusion(nn.Module):
         a, s = self._coefs(t)
         return a * r0 + s * noise
 
-    def loss(self, r0, coarse, generator=None):
+    def loss(self, r0, coarse, generator=None, shard=(0, 1)):
+        """Training loss. shard = (rank, number of ranks): t and the noise are drawn for every rank's batch and
+        this rank keeps its own rows, so the ranks' generators stay in step (N x B draws what 1 x N*B draws)."""
         assert r0.shape == coarse.shape, f"residual {tuple(r0.shape)} vs coarse {tuple(coarse.shape)}"
         r0 = r0 / self.residual_scale
-        t = torch.randint(0, self.timesteps, (r0.shape[0],), generator=generator, device=r0.device)
-        noise = torch.randn(r0.shape, generator=generator, device=r0.device, dtype=r0.dtype)
+        n, (rank, ranks) = r0.shape[0], shard
+        rows = slice(rank * n, (rank + 1) * n)
+        t = torch.randint(0, self.timesteps, (n * ranks,), generator=generator, device=r0.device)[rows]
+        noise = torch.randn((n * ranks,) + tuple(r0.shape[1:]), generator=generator, device=r0.device,
+                            dtype=r0.dtype)[rows]
         a, s = self._coefs(t)
         target = a * noise - s * r0
         prediction = self.unet(a * r0 + s * noise, coarse, t)
         return F.mse_loss(prediction.float(), target.float())
+
+    def forward(self, r0, coarse, generator=None, shard=(0, 1)):
+        """The training loss: the call DistributedDataParallel wraps (it synchronises gradients of forward only)."""
+        return self.loss(r0, coarse, generator, shard)
 
     @torch.no_grad()
     def sample_residual(self, coarse, steps=10, generator=None, noise=None):

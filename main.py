@@ -2,8 +2,9 @@
 import argparse
 import sys
 
+import distributed
 import run_layout
-from errors import run_cli
+from errors import UserError, run_cli
 from solver import Solver
 
 MODE_ALIASES = {"testAUCInductive": "test_inductive", "testAUCTransductive": "test_transductive",
@@ -60,7 +61,9 @@ def build_parser():
 
     t = p.add_argument_group("training (stage 1)")
     t.add_argument("--dataset", type=str, default="MedicalData", help="dataset name (kept for the reference)")
-    t.add_argument("--batch_size", type=int, default=16, help="mixed and healthy slices per batch (each)")
+    t.add_argument("--batch_size", type=int, default=16,
+                   help="mixed and healthy slices per batch (each), per rank: under torchrun the global batch is "
+                        "batch_size x number of ranks")
     t.add_argument("--num_iters", type=int, default=150000, help="critic iterations of stage 1")
     t.add_argument("--num_iters_decay", type=int, default=100000, help="last iterations over which lr decays to 0")
     t.add_argument("--lr_decay", type=str2bool, default=False, help="linear learning-rate decay (the reference's was a no-op)")
@@ -70,7 +73,8 @@ def build_parser():
     t.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
     t.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
     t.add_argument("--resume_iters", type=iteration_or_keyword("latest"), default=None,
-                   help="resume training from this checkpoint iteration, or 'latest'")
+                   help="resume training from this checkpoint iteration, or 'latest' (the newest; a run folder with "
+                        "none yet starts at iteration 0, so one command serves the first start and every restart)")
     t.add_argument("--preload", choices=("auto", "on", "off"), default="auto",
                    help="hold decoded training slices in memory (auto: when they fit in 3 GiB)")
     t.add_argument("--g_ema", type=float, default=0.999,
@@ -85,7 +89,7 @@ def build_parser():
     r.add_argument("--refiner_iters", type=int, default=30000, help="stage-2 training iterations; 0 skips stage 2")
     r.add_argument("--refine_from", type=iteration_or_keyword("aucp"), default="aucp",
                    help="stage-1 checkpoint the refiner refines: an iteration, or 'aucp' to pick it by AUCp")
-    r.add_argument("--refiner_batch_size", type=int, default=16, help="known-healthy slices per refiner batch")
+    r.add_argument("--refiner_batch_size", type=int, default=16, help="known-healthy slices per refiner batch, per rank")
     r.add_argument("--refiner_holdout", type=float, default=0.2,
                    help="share of known-healthy patients held out of refiner training: stage 2 ends by checking, "
                         "without labels, that the refiner lowers their reconstruction error")
@@ -106,7 +110,8 @@ def build_parser():
     e = p.add_argument_group("testing and scoring")
     e.add_argument("--test_iters", type=iteration_or_keyword("all", "latest"), default=150000,
                    help="checkpoint to score; 'all' scores every saved checkpoint")
-    e.add_argument("--score_batch_size", type=int, default=16, help="slices per scoring batch")
+    e.add_argument("--score_batch_size", type=int, default=16,
+                   help="slices per scoring batch (under torchrun whole batches are shared out among the ranks)")
     e.add_argument("--rho", type=float, default=None, help="healthy share of the mixed set: turns AUCp into an AUC estimate")
     e.add_argument("--save_maps", type=int, default=0, help="write anomaly-map panels for the first K slices of each class")
     e.add_argument("--flag_percentile", type=float, default=95.0,
@@ -193,7 +198,18 @@ def parse_config(argv=None):
 
 
 def run(argv=None):
-    Solver(parse_config(argv)).run()
+    config = parse_config(argv)
+    started_group = distributed.init(config.device)  # under torchrun: join the other ranks (no-op for one process)
+    try:
+        Solver(config).run()
+        distributed.barrier()  # the ranks leave together, after rank 0's last write
+    except UserError as err:
+        if distributed.world_size() > 1:  # torchrun interleaves the ranks' output
+            raise UserError(distributed.rank_prefix(str(err))) from err
+        raise
+    finally:
+        if started_group:
+            distributed.close()
     return 0
 
 

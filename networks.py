@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 import torch
 
 import checkpoint as ckpt
+import distributed
 from diffusion_refiner import REFINER_ARCHITECTURE_FLAGS, RefinerUNet, ResidualDiffusion
 from errors import UserError
 from model import ARCHITECTURE_FLAGS, Discriminator, Generator
@@ -79,9 +80,10 @@ def load_refiner(runtime, config, iteration):
     saved = ckpt.load(path)
     check = saved.get("holdout_check")
     if choice == "auto" and check is not None and not check["refiner_helps"]:
-        print(f"WARNING: the refiner of checkpoint {iteration} did not lower the reconstruction error of held-out "
-              f"known-healthy slices ({check['refined_error']:.5f} vs {check['coarse_error']:.5f} with x_c), so "
-              f"--refiner auto scores with the coarse reconstruction x_c. --refiner on forces the refiner.")
+        distributed.main_print(
+            f"WARNING: the refiner of checkpoint {iteration} did not lower the reconstruction error of held-out "
+            f"known-healthy slices ({check['refined_error']:.5f} vs {check['coarse_error']:.5f} with x_c), so "
+            f"--refiner auto scores with the coarse reconstruction x_c. --refiner on forces the refiner.")
         return None, config
     config = ckpt.reconciled_config(config, saved["config"], REFINER_ARCHITECTURE_FLAGS, path)
     diffusion = build_refiner(runtime, config)

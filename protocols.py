@@ -6,6 +6,9 @@
 | aucp         | train/neg vs train/pos + train/neg_mixed      | none (label-free)      |
 
 Also the run of a protocol over every saved checkpoint; over AUCp it is the label-free checkpoint selection.
+
+Under torchrun the ranks share out the slices (scoring.py) and every rank gets all the scores, so every rank
+computes the same results and tables; rank 0 alone writes and prints them.
 """
 import json
 import os
@@ -16,6 +19,7 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import data_loader
+import distributed
 import metrics
 import run_layout
 import scoring
@@ -61,7 +65,8 @@ def run_protocol(runtime, config, name, iteration):
 
 
 def score_protocol(runtime, networks, name, paths, labels, started):
-    """run_protocol with networks already loaded; networks.config names the data and result folders."""
+    """run_protocol with networks already loaded; networks.config names the data and result folders. Returns the
+    result on every rank; rank 0 alone writes it."""
     protocol, c = PROTOCOLS[name], networks.config
     iteration, reconstruction = networks.iteration, networks.reconstruction
     out = run_layout.CheckpointResults(c.result_dir, iteration, reconstruction)
@@ -93,7 +98,7 @@ def score_protocol(runtime, networks, name, paths, labels, started):
         if c.rho is not None:
             result["auc_estimate_from_rho"] = metrics.aucp_to_auc(result["auc"], c.rho)
             result["rho"] = c.rho
-    if protocol.healthy_reference:
+    if protocol.healthy_reference and runtime.is_main:
         healthy = patients["score"][patients["label"] == 0]
         run_layout.write_json({"checkpoint": iteration, "reconstruction": reconstruction,
                                "percentile_95": metrics.healthy_percentile_threshold(healthy, 95),
@@ -104,6 +109,8 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     if pixel_metrics is not None:
         result.update(pixel_metrics.compute())
     result["seconds"] = round(time.time() - started, 2)
+    if not runtime.is_main:
+        return result
     run_layout.write_csv([{"pid": pid, "label": int(label), "n_slices": int(n), "score": f"{score:.6f}",
                            "prediction": int(score >= result["threshold"])}
                           for pid, label, n, score in zip(patients["pid"], patients["label"], patients["n_slices"],
@@ -122,16 +129,19 @@ def known_healthy_reference(runtime, networks):
     map_scale: the top of every anomaly panel's colour scale); the AUCp protocol is run once if it has not been."""
     c = networks.config
     reference = run_layout.CheckpointResults(c.result_dir, networks.iteration, networks.reconstruction).healthy_reference
-    if not os.path.isfile(reference):
+    if not distributed.broadcast(os.path.isfile(reference)):  # rank 0's answer: every rank takes part in scoring
         training_dir = networks.training_config.get("image_dir", c.image_dir)
-        print(f"No known-healthy reference for checkpoint {networks.iteration} ({networks.reconstruction}) yet: "
-              f"scoring {training_dir}/train/neg and the mixed set once (the AUCp protocol).")
+        distributed.main_print(f"No known-healthy reference for checkpoint {networks.iteration} "
+                               f"({networks.reconstruction}) yet: scoring {training_dir}/train/neg and the mixed "
+                               f"set once (the AUCp protocol).")
         started = time.time()
         paths, labels = data_loader.protocol_slices(training_dir, "aucp")
         reference_networks = networks._replace(config=replace_config(c, image_dir=training_dir, save_maps=0))
         score_protocol(runtime, reference_networks, "aucp", paths, labels, started)
+    if not runtime.is_main:  # rank 0 wrote it; it hands it to the others
+        return distributed.broadcast(None)
     with open(reference) as f:
-        return json.load(f)
+        return distributed.broadcast(json.load(f))
 
 
 def test(runtime, config, name):
@@ -140,6 +150,8 @@ def test(runtime, config, name):
         checkpoint_sweep(runtime, config, name)
         return
     result = run_protocol(runtime, config, name, resolve_iteration(config, config.test_iters))
+    if not runtime.is_main:
+        return
     if config.use_neptune:  # attach the metrics to the training run (--neptune_id) under --neptune_key
         run = start_neptune(config)
         prefix = config.neptune_key or f"Test_{PROTOCOLS[name].title}"
@@ -151,17 +163,20 @@ def test(runtime, config, name):
 
 
 def checkpoint_sweep(runtime, config, name):
-    """Run a protocol for every saved checkpoint; a label-free one (AUCp) names the best (no labels involved)."""
+    """Run a protocol for every saved checkpoint; a label-free one (AUCp) names the best (no labels involved).
+    Returns the table on every rank; rank 0 alone prints and writes it."""
     protocol, c = PROTOCOLS[name], config
     data_loader.protocol_slices(c.image_dir, name)  # fail on a missing folder before any scoring
     iterations = ckpt.saved_iterations(c.model_save_dir, "G")
     if not iterations:
         raise ckpt.missing_checkpoint_error(c.model_save_dir, "all", "G", "no checkpoint saved yet")
     table = []
-    for iteration in tqdm(iterations, desc=f"{name} over checkpoints", unit="ckpt"):
+    for iteration in tqdm(iterations, desc=f"{name} over checkpoints", unit="ckpt", disable=not runtime.is_main):
         result = run_protocol(runtime, c, name, iteration)
         table.append({"iteration": iteration, "reconstruction": result["reconstruction"],
                       "auc": result["auc"], "n_patients": result["n_patients"]})
+    if not runtime.is_main:
+        return table
     summary = {"protocol": name, "table": table}
     print(f"\n{protocol.title} AUC by checkpoint")
     print(f"{'iteration':>10}  {'reconstruction':>14}  {'AUC':>7}")

@@ -17,4 +17,4 @@ name=$1
 iteration=$2
 folder=$3
 shift 3
-"$PYTHON" "$repo_root/main.py" --mode score --image_dir "$folder" --run_dir "runs/$name" --test_iters "$iteration" "$@"
+"${MAIN[@]}" --mode score --image_dir "$folder" --run_dir "runs/$name" --test_iters "$iteration" "$@"

@@ -1,6 +1,9 @@
 """Score mode: score an unlabelled folder of slices, or NIfTI volumes (a .nii/.nii.gz file or a folder of them,
 see volume_scoring.py), with checkpoint ITER and flag the patients above a percentile of the known-healthy set's
-patient scores (a label-free threshold)."""
+patient scores (a label-free threshold). Under torchrun the ranks share out the slices (scoring.py) and rank 0
+writes the CSV and the panels."""
+import os
+
 import numpy as np
 
 import data_loader
@@ -32,6 +35,8 @@ def score_folder(runtime, config):
                                    networks.config.image_size)
     scores = scoring.score_slices(runtime, networks, paths, [panels] if c.save_maps > 0 else [])
     panels.write(reference.get("map_scale", 1.0))
+    if not runtime.is_main:
+        return
     patients = metrics.aggregate_patients([data_loader.patient_id(p) for p in paths], scores)
     output = c.output or out.folder_scores(tag)
     run_layout.write_csv([{"pid": pid, "n_slices": int(n), "score": f"{score:.6f}", "flagged": int(score > threshold)}

@@ -5,6 +5,10 @@ its slice score, the map's mean, in [0, 1].
 scored_batches yields what scoring computes, batch by batch; score_slices collects the slice scores and hands
 each batch to consumers, such as pixel_metrics_consumer, HealthyMapScale and AnomalyPanels below. anomaly_maps
 is the same scoring as a callable on in-memory slices (volume_scoring.py: whole NIfTI scans in score mode).
+
+Under torchrun each rank scores whole batches of the one-process order (batch b on rank b % ranks), so every
+slice is scored in the batch it has in one process and the scores are bit-identical; score_slices gathers the
+scores on every rank and then calls each consumer's merge_ranks (if it has one) to add up what the ranks saw.
 """
 import os
 import zlib
@@ -15,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 import data_loader
+import distributed
 import visualize
 from model import healthy_reconstruction
 
@@ -63,10 +68,18 @@ def score_batch(runtime, networks, x, names, index):
 
 @torch.inference_mode()
 def scored_batches(runtime, networks, paths):
-    """Score the slices of `paths` with networks (networks.ScoringNetworks), one ScoredBatch at a time."""
+    """Score the slices of `paths` with networks (networks.ScoringNetworks), one ScoredBatch at a time: all of
+    them in one process, this rank's whole batches under torchrun (ScoredBatch.index is a position in `paths`)."""
     c = networks.config
-    loader = data_loader.scoring_loader(paths, c.image_size, c.score_batch_size, **runtime.loader_options)
-    for x, index in tqdm(loader, desc="scoring", unit="batch", leave=False):
+    if runtime.world_size > 1:
+        mine = np.asarray(distributed.batch_shard(len(paths), c.score_batch_size), dtype=np.int64)
+        loader = data_loader.scoring_loader([paths[i] for i in mine], c.image_size, c.score_batch_size,
+                                            **runtime.loader_options)
+    else:
+        loader = data_loader.scoring_loader(paths, c.image_size, c.score_batch_size, **runtime.loader_options)
+    for x, index in tqdm(loader, desc="scoring", unit="batch", leave=False, disable=not runtime.is_main):
+        if runtime.world_size > 1:
+            index = torch.from_numpy(mine[index.numpy()])
         x = x.to(runtime.device, non_blocking=True)
         yield score_batch(runtime, networks, x, [paths[i] for i in index], index.numpy())
 
@@ -82,12 +95,21 @@ def anomaly_maps(runtime, networks):
 
 @torch.inference_mode()
 def score_slices(runtime, networks, paths, consumers=()):
-    """Slice scores of `paths`, in their order; every consumer is called with every ScoredBatch."""
+    """Slice scores of `paths`, in their order; every consumer is called with every ScoredBatch (under torchrun:
+    this rank's), then with merge_ranks() where it has one. The scores are all the slices' on every rank."""
     scores = np.empty(len(paths))
+    scored = []
     for batch in scored_batches(runtime, networks, paths):
         scores[batch.index] = batch.scores
+        scored.append(batch.index)
         for consume in consumers:
             consume(batch)
+    if runtime.world_size > 1:
+        mine = np.concatenate(scored) if scored else np.zeros(0, dtype=np.int64)
+        scores = distributed.gather_by_index(mine, scores[mine], len(paths))
+        for consume in consumers:
+            if hasattr(consume, "merge_ranks"):
+                consume.merge_ranks()
     return scores
 
 
@@ -98,6 +120,7 @@ def pixel_metrics_consumer(pixel_metrics, paths, image_dir, image_size):
             masks = data_loader.ground_truth_masks(image_dir, paths[i], image_size)
             if masks is not None:
                 pixel_metrics.update(batch.anomaly_map[row].cpu().numpy(), masks[0], masks[1])
+    consume.merge_ranks = lambda: distributed.sum_arrays(pixel_metrics.positive, pixel_metrics.negative)
     return consume
 
 
@@ -121,6 +144,10 @@ class HealthyMapScale:
             head = batch.x[rows].mean(dim=1) > HEAD_LEVEL
             values = batch.anomaly_map[rows][head].float().clamp(0, 1).cpu().numpy()
             self.histogram += np.histogram(values, bins=self.bins, range=(0, 1))[0]
+
+    def merge_ranks(self):
+        """Every rank's counts added up (integers: the scale is the one-process scale)."""
+        distributed.sum_arrays(self.histogram)
 
     def scale(self):
         cumulative = np.cumsum(self.histogram)
@@ -150,7 +177,14 @@ class AnomalyPanels:
                                   None if batch.refined is None else batch.refined[row, 0].cpu().numpy(),
                                   batch.anomaly_map[row].cpu().numpy(), batch.scores[row]))
 
+    def merge_ranks(self):
+        """Every rank's kept slices, in slice order (rank 0 writes them)."""
+        self.kept = sorted((kept for part in distributed.all_gather(self.kept) for kept in part), key=lambda k: k[0])
+
     def write(self, map_scale):
+        """Draw the kept panels (rank 0 alone: under torchrun merge_ranks has handed it every rank's)."""
+        if not distributed.is_main():
+            return
         for i, x, coarse, refined, anomaly_map, score in self.kept:
             masks = data_loader.ground_truth_masks(self.image_dir, self.paths[i], self.image_size)
             name = os.path.splitext(os.path.basename(self.paths[i]))[0]

@@ -18,3 +18,10 @@ else
   PYTHON="$venv/bin/python"
 fi
 export PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}"
+# NGPU=N (N > 1): main.py runs as N processes on this machine under torchrun (DistributedDataParallel: NCCL on
+# CUDA, gloo on CPU); --batch_size is per process. Several machines: call torchrun yourself (see README).
+if [ "${NGPU:-1}" -gt 1 ]; then
+  MAIN=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" "$repo_root/main.py")
+else
+  MAIN=("$PYTHON" "$repo_root/main.py")
+fi

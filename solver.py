@@ -6,6 +6,7 @@ import contextlib
 import torch
 
 import data_loader
+import distributed
 import protocols
 import score_folder
 import stage1_training
@@ -20,14 +21,18 @@ def pick_device(choice):
                         "Fix: use --device cpu or auto, or install a CUDA build of PyTorch.")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
+    # under torchrun distributed.init has made this rank's GPU (LOCAL_RANK) the current one
+    return torch.device("cuda", torch.cuda.current_device()) if choice == "cuda" else torch.device(choice)
 
 
 class Runtime:
     """Where and how the networks run: the device, bf16 autocast, memory format, compilation (--compile,
-    --compile_backend), loader options, and the training streams' options (--preload_on_device)."""
+    --compile_backend), loader options, the training streams' options (--preload_on_device), and this process's
+    place among the torchrun ranks (rank, world_size; is_main: the one that writes files)."""
 
     def __init__(self, config):
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
         self.device = pick_device(config.device)
         use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
@@ -35,9 +40,7 @@ class Runtime:
         self.compile = config.compile
         self.compile_backend = getattr(config, "compile_backend", "inductor")
         self.loader_options = {"num_workers": config.num_workers, "pin_memory": self.device.type == "cuda"}
-        # training_stream options: the loader's, plus where preloaded slices live
-        self.stream_options = {**self.loader_options,
-                               "preload_device": self.device if getattr(config, "preload_on_device", False) else None}
+        self.preload_device = self.device if getattr(config, "preload_on_device", False) else None
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -52,6 +55,15 @@ class Runtime:
 
     def compiled(self, network):
         return compile_module(network, self)  # reads .compile and .compile_backend
+
+    def wrapped(self, network):
+        """The network in DistributedDataParallel under torchrun (itself for one process), compiled if asked."""
+        return self.compiled(distributed.wrap(network, self.device))
+
+    def stream_options(self):
+        """Loader options plus this rank's shard and where preloaded slices live, for data_loader.training_stream."""
+        return {**self.loader_options, "rank": self.rank, "world_size": self.world_size,
+                "preload_device": self.preload_device}
 
 
 class Solver:

@@ -3,7 +3,11 @@ L1 on H; checkpoints every --model_save_step (save_stage1 / restore_stage1 for a
 
 ITER-G.ckpt holds the generator that scoring and the AUCp selection use: the exponential moving average of
 G's weights (--g_ema, the standard GAN practice: the raw G swings between checkpoints), or the raw G with
---g_ema 0. The raw G, which keeps training, is in ITER-state.ckpt."""
+--g_ema 0. The raw G, which keeps training, is in ITER-state.ckpt.
+
+Under torchrun every rank trains the same networks on its shard of the streams (DistributedDataParallel averages
+the gradients), so every rank's G, and the EMA each rank updates from its own unwrapped G, stay identical; rank 0
+alone writes checkpoints, samples and logs."""
 import os
 
 import torch
@@ -11,6 +15,7 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import data_loader
+import distributed
 import visualize
 from ema import EMA
 from errors import UserError
@@ -57,12 +62,14 @@ def save_stage1(config, iteration, generator, g_ema, critic, g_optimizer, d_opti
 
 
 def resume_iteration(config):
-    """The checkpoint --resume_iters names ('latest': the newest with G, D and the training state)."""
+    """The checkpoint --resume_iters names ('latest': the newest with G, D and the training state, or None when
+    there is none yet: the first start of a requeued job, where the same command starts and resumes)."""
     model_dir = config.model_save_dir
     if config.resume_iters == "latest":
         saved = ckpt.saved_iterations(model_dir, "G", "D", "state")
         if not saved:
-            raise ckpt.missing_checkpoint_error(model_dir, "latest", "state", "nothing to resume", "--resume_iters")
+            distributed.main_print(f"No stage-1 checkpoint in {model_dir} yet: starting from iteration 0.")
+            return None
         return saved[-1]
     iteration = config.resume_iters
     for part in ("G", "D", "state"):
@@ -86,7 +93,7 @@ def restore_stage1(config, iteration, g_saved, generator, g_ema, critic, g_optim
     noise_generator.set_state(state["noise_generator"])
     for stream, stream_state in zip(streams, state["streams"]):
         stream.load_state_dict(stream_state)
-    print(f"Resumed stage 1 from iteration {iteration} in {config.model_save_dir}.")
+    distributed.main_print(f"Resumed stage 1 from iteration {iteration} in {config.model_save_dir}.")
     return iteration
 
 
@@ -105,8 +112,14 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
                 fake = healthy_reconstruction(x_mixed, generator(x_mixed))
         d_loss_real = -critic(x_healthy).mean()
         d_loss_fake = critic(fake.detach()).mean()
-        # a compiled critic cannot be differentiated twice: the penalty runs the eager module (same weights)
-        d_loss_gp = gradient_penalty(getattr(critic, "_orig_mod", critic), x_healthy, fake, alpha)
+        # The penalty goes through the plain critic, not its DDP wrapper: DDP synchronises gradients with hooks on
+        # each weight's gradient accumulator, which autograd.grad(create_graph=True) never runs (it stops at the
+        # input), and a DDP forward whose graph is differentiated twice is not what those hooks expect.
+        # d_loss.backward() below runs each weight's accumulator once, on the sum of the first-order and the
+        # penalty's second-order terms, so the one all-reduce averages the whole critic gradient.
+        # A compiled critic cannot be differentiated twice either: the penalty runs the eager module (same weights).
+        plain_critic = distributed.unwrap(critic)
+        d_loss_gp = gradient_penalty(getattr(plain_critic, "_orig_mod", plain_critic), x_healthy, fake, alpha)
         d_loss = d_loss_real + d_loss_fake + c.lambda_gp * d_loss_gp
     d_optimizer.zero_grad(set_to_none=True)
     d_loss.backward()
@@ -119,8 +132,8 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
         g_optimizer.zero_grad(set_to_none=True)
         # L_G = adversarial + lambda_id * identity is a sum: back-propagate the mixed half first, so its
         # graph is freed before the healthy half's is built (half the activation memory, same gradients).
-        with runtime.autocast():
-            g_loss_fake = -critic(fake).mean()
+        with runtime.autocast():  # plain critic: its weights get no gradient here, so nothing to synchronise
+            g_loss_fake = -distributed.unwrap(critic)(fake).mean()
         g_loss_fake.backward()
         with runtime.autocast():
             g_loss_id = (healthy_reconstruction(x_healthy, generator(x_healthy)) - x_healthy).abs().mean()
@@ -156,19 +169,24 @@ def non_finite_error(config, iteration, losses):
 def train(runtime, config):
     """Stage 1: WGAN-GP with real = known-healthy H, fake = tanh(x_M + G(x_M)), plus identity L1 on H."""
     c = config
-    if c.resume_iters is not None:
+    resume_from = None if c.resume_iters is None else resume_iteration(c)
+    if resume_from is not None:
         # Build with the checkpoint's architecture before anything else.
-        resume_from = resume_iteration(c)
         g_path = model_path(c, resume_from, "G")
         g_saved = ckpt.load(g_path)
         c = ckpt.reconciled_config(c, g_saved["config"], ARCHITECTURE_FLAGS, g_path)
     else:
         refuse_to_overwrite(c, "G", "resume it with --resume_iters latest")
-    data_loader.check_dataset(c.image_dir, c.batch_size)
+    ranks = runtime.world_size
+    data_loader.check_dataset(c.image_dir, c.batch_size * ranks)
     mixed = data_loader.training_stream(data_loader.mixed_set_paths(c.image_dir), c.image_size,
-                                        c.batch_size, c.seed, c.preload, **runtime.stream_options)
+                                        c.batch_size, c.seed, c.preload, **runtime.stream_options())
     healthy = data_loader.training_stream(data_loader.require_images(c.image_dir, data_loader.HEALTHY_FOLDER),
-                                          c.image_size, c.batch_size, c.seed + 1, c.preload, **runtime.stream_options)
+                                          c.image_size, c.batch_size, c.seed + 1, c.preload,
+                                          **runtime.stream_options())
+    if ranks > 1:
+        distributed.main_print(f"Stage 1: {ranks} ranks x batch {c.batch_size} = global batch {ranks * c.batch_size} "
+                               f"mixed + as many healthy slices.")
     generator, critic = build_stage1(runtime, c)
     g_ema = EMA(generator, c.g_ema) if c.g_ema > 0 else None
     scored_generator = generator if g_ema is None else g_ema.model  # what the samples and checkpoints show
@@ -176,27 +194,38 @@ def train(runtime, config):
     d_optimizer = adam(critic.parameters(), c.d_lr, (c.beta1, c.beta2), c, runtime.device)
     noise_generator = torch.Generator().manual_seed(c.seed + 2)  # gradient-penalty interpolation weights
     start = 0
-    if c.resume_iters is not None:
+    if resume_from is not None:
         start = restore_stage1(c, resume_from, g_saved, generator, g_ema, critic, g_optimizer, d_optimizer,
                                (mixed, healthy), noise_generator)
-    write_json(saved_config(c), os.path.join(c.model_save_dir, "config.json"))
+    writes = runtime.is_main  # rank 0 alone writes checkpoints, samples and logs
+    if writes:
+        write_json(saved_config(c), os.path.join(c.model_save_dir, "config.json"))
     fixed_mixed, fixed_healthy = (torch.stack([data_loader.load_slice(p, c.image_size) for p in paths[:8]])
                                   for paths in (mixed.paths, healthy.paths))
     # --compile: the critic's plain passes are compiled; train_step runs the gradient penalty eagerly.
-    train_generator, train_critic = runtime.compiled(generator), runtime.compiled(critic)
+    # Wrapped after the restore: DDP copies rank 0's weights to every rank when it is built.
+    train_generator, train_critic = runtime.wrapped(generator), runtime.compiled(distributed.wrap(critic, runtime.device))
     logger = TrainingLogger(c, "stage1")
     finite = FiniteCheck(c.deferred_finite_check, lambda iteration, values: non_finite_error(c, iteration, values))
     losses = {}
-    progress = tqdm(range(start, c.num_iters), initial=start, total=c.num_iters, desc="stage 1", unit="it")
+    progress = tqdm(range(start, c.num_iters), initial=start, total=c.num_iters, desc="stage 1", unit="it",
+                    disable=not writes)
     for i in progress:
         set_learning_rates(c, ((g_optimizer, c.g_lr), (d_optimizer, c.d_lr)), i)
         x_mixed = next(mixed).to(runtime.device, non_blocking=True)
         x_healthy = next(healthy).to(runtime.device, non_blocking=True)
         update_generator = (i + 1) % c.n_critic == 0
-        alpha = torch.rand(c.batch_size, 1, 1, 1, generator=noise_generator).to(runtime.device)
-        losses.update(train_step(runtime, c, train_generator, train_critic, g_optimizer, d_optimizer,
-                                 x_mixed, x_healthy, alpha, update_generator))
+        # drawn for the global batch, this rank's rows kept: every rank's generator stays in step
+        alpha = distributed.rank_slice(torch.rand(c.batch_size * ranks, 1, 1, 1,
+                                                  generator=noise_generator)).to(runtime.device)
+        step_losses = train_step(runtime, c, train_generator, train_critic, g_optimizer, d_optimizer,
+                                 x_mixed, x_healthy, alpha, update_generator)
+        if ranks > 1:  # means over ranks: every rank logs, and stops on a non-finite loss, alike
+            step_losses = dict(zip(step_losses, distributed.mean(torch.stack([v.detach().float()
+                                                                              for v in step_losses.values()]))))
+        losses.update(step_losses)
         if update_generator and g_ema is not None:
+            # the unwrapped G: the same weights on every rank (the same averaged gradients), so the same EMA
             g_ema.update(generator)
         # eager: checked now; --deferred_finite_check: read below, before anything is logged or saved
         finite.add(i + 1, {"D": losses["D/loss"], "G": losses["G/loss"] if update_generator else None})
@@ -204,13 +233,13 @@ def train(runtime, config):
         if step % c.log_step == 0 or step == c.num_iters:
             finite.check()
             logger.log({k: v.item() for k, v in losses.items() if not k.endswith("/loss")}, step, progress)
-        if step % c.sample_step == 0 or step == c.num_iters:
+        if writes and (step % c.sample_step == 0 or step == c.num_iters):
             finite.check()
             logger.log_image("samples/stage1", save_samples(runtime, c, scored_generator, fixed_mixed,
                                                             fixed_healthy, step), step)
-        if step % c.model_save_step == 0 or step == c.num_iters:
+        if writes and (step % c.model_save_step == 0 or step == c.num_iters):
             finite.check()
             save_stage1(c, step, generator, g_ema, critic, g_optimizer, d_optimizer, (mixed, healthy),
                         noise_generator)
     logger.close()
-    print(f"Stage 1 done: checkpoints in {c.model_save_dir}, samples in {c.sample_dir}.")
+    distributed.main_print(f"Stage 1 done: checkpoints in {c.model_save_dir}, samples in {c.sample_dir}.")

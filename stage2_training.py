@@ -1,6 +1,10 @@
 """Stage 2: the residual diffusion refiner. On known-healthy slices only, with the stage-1 generator of
 checkpoint ITER frozen, learn p(r | x_c) for the residual r0 = x - x_c; checkpoints ITER-R (EMA weights, used
-to score) and ITER-R-state (save_stage2 / restore_stage2 for an exact resume)."""
+to score) and ITER-R-state (save_stage2 / restore_stage2 for an exact resume).
+
+Under torchrun every rank trains the same refiner on its shard of the healthy stream (DistributedDataParallel
+averages the gradients; every rank updates the same EMA from its unwrapped refiner), the held-out check is scored
+in shards and summed, and rank 0 alone writes checkpoints, the check's JSON and logs."""
 import os
 
 import torch
@@ -8,6 +12,7 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import data_loader
+import distributed
 import run_layout
 import scoring
 from checkpoint import replace_config
@@ -30,12 +35,18 @@ def refine_from_iteration(runtime, config):
 
 @torch.no_grad()
 def residual_std(runtime, generator, healthy, batches=8):
-    """Std of r0 = x - x_c over a few healthy batches (on resume the saved scale and stream state win)."""
+    """Std of r0 = x - x_c over a few healthy batches (on resume the saved scale and stream state win); under
+    torchrun each batch is gathered from every rank's shard in rank order, as one process with the global batch
+    has it, so every rank gets the same scale."""
     residuals = []
     for _ in range(batches):
         x = next(healthy).to(runtime.device)
         with runtime.autocast():
-            residuals.append((x - healthy_reconstruction(x, generator(x)).float()).flatten())
+            residual = (x - healthy_reconstruction(x, generator(x)).float()).flatten()
+        if runtime.world_size > 1:
+            residuals += [part.to(runtime.device) for part in distributed.all_gather(residual.cpu())]
+        else:
+            residuals.append(residual)
     return float(torch.cat(residuals).std().clamp_min(1e-3))
 
 
@@ -43,8 +54,8 @@ def refiner_step(runtime, generator, diffusion, optimizer, x, noise_generator):
     """One stage-2 update on healthy slices x: the frozen G gives x_c, the refiner learns r0 = x - x_c."""
     with torch.no_grad(), runtime.autocast():
         coarse = healthy_reconstruction(x, generator(x)).float()
-    with runtime.autocast():
-        loss = diffusion.loss(x - coarse, coarse, generator=noise_generator)
+    with runtime.autocast():  # forward = the loss, so under DDP the gradients are synchronised
+        loss = diffusion(x - coarse, coarse, noise_generator, (runtime.rank, runtime.world_size))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -54,7 +65,8 @@ def refiner_step(runtime, generator, diffusion, optimizer, x, noise_generator):
 @torch.no_grad()
 def holdout_check(runtime, config, iteration, generator, refiner, paths):
     """The label-free guard: on known-healthy slices the refiner never trained on, does x_r reconstruct x better
-    than x_c does? (mean |x - x_c|/2 against mean |x - x_r|/2, scored exactly as the protocols score.)"""
+    than x_c does? (mean |x - x_c|/2 against mean |x - x_r|/2, scored exactly as the protocols score; under
+    torchrun each rank scores its shard and the sums are added up, so every rank gets the check.)"""
     if not paths:
         return None
     networks = ScoringNetworks(iteration, generator, refiner, config, {})
@@ -62,6 +74,9 @@ def holdout_check(runtime, config, iteration, generator, refiner, paths):
     for batch in scoring.scored_batches(runtime, networks, paths):
         coarse_error += float(((batch.x - batch.coarse).abs().mean(dim=1) / 2).mean(dim=(1, 2)).sum())
         refined_error += float(batch.scores.sum())
+    if runtime.world_size > 1:
+        parts = distributed.all_gather((coarse_error, refined_error))
+        coarse_error, refined_error = sum(p[0] for p in parts), sum(p[1] for p in parts)
     coarse_error, refined_error = coarse_error / len(paths), refined_error / len(paths)
     return {"held_out_slices": len(paths), "held_out_patients": len({data_loader.patient_id(p) for p in paths}),
             "coarse_error": coarse_error, "refined_error": refined_error,
@@ -108,7 +123,7 @@ def restore_stage2(config, iteration, diffusion, ema, optimizer, stream, noise_g
     noise_generator.set_state(state["noise_generator"])
     stream.load_state_dict(state["stream"])
     start = state["refiner_iteration"]
-    print(f"Resumed stage 2 of checkpoint {iteration} from refiner iteration {start}.")
+    distributed.main_print(f"Resumed stage 2 of checkpoint {iteration} from refiner iteration {start}.")
     return start
 
 
@@ -116,9 +131,10 @@ def train_refiner(runtime, config):
     """Stage 2: on known-healthy slices only, learn p(r | x_c) for r0 = x - x_c with G frozen."""
     c = config
     if c.refiner_iters <= 0:
-        print("Stage 2 skipped (--refiner_iters 0): scoring uses the coarse reconstruction.")
+        distributed.main_print("Stage 2 skipped (--refiner_iters 0): scoring uses the coarse reconstruction.")
         return
-    data_loader.check_dataset(c.image_dir, c.refiner_batch_size, batch_flag="--refiner_batch_size")
+    ranks = runtime.world_size
+    data_loader.check_dataset(c.image_dir, c.refiner_batch_size * ranks, batch_flag="--refiner_batch_size")
     iteration = refine_from_iteration(runtime, c)
     generator, c, _ = load_generator(runtime, c, iteration)
     r_path, state_path = model_path(c, iteration, "R"), model_path(c, iteration, "R-state")
@@ -130,7 +146,7 @@ def train_refiner(runtime, config):
     trained_on, held_out = data_loader.hold_out_patients(
         data_loader.require_images(c.image_dir, data_loader.HEALTHY_FOLDER), c.refiner_holdout, c.seed + 5)
     healthy = data_loader.training_stream(trained_on, c.image_size, c.refiner_batch_size, c.seed + 3, c.preload,
-                                          **runtime.stream_options, batch_flag="--refiner_batch_size")
+                                          **runtime.stream_options(), batch_flag="--refiner_batch_size")
     diffusion = build_refiner(runtime, c)
     diffusion.residual_scale.fill_(residual_std(runtime, generator, healthy))
     ema = EMA(diffusion, c.refiner_ema)
@@ -139,20 +155,27 @@ def train_refiner(runtime, config):
     start = 0
     if resume:
         start = restore_stage2(c, iteration, diffusion, ema, optimizer, healthy, noise_generator)
-    train_diffusion = runtime.compiled(diffusion)
+    if ranks > 1:
+        distributed.main_print(f"Stage 2: {ranks} ranks x batch {c.refiner_batch_size} = global batch "
+                               f"{ranks * c.refiner_batch_size} healthy slices.")
+    # Wrapped after the restore: DDP copies rank 0's weights to every rank when it is built.
+    train_diffusion = runtime.wrapped(diffusion)
+    writes = runtime.is_main  # rank 0 alone writes checkpoints, the check and logs
     logger = TrainingLogger(c, f"stage2-{iteration}")
     finite = FiniteCheck(c.deferred_finite_check, lambda step, _: UserError(
         f"non-finite refiner loss at stage-2 iteration {step}; the last good refiner checkpoint stays in "
         f"{c.model_save_dir}.\nFix: lower --refiner_lr."))
     progress = tqdm(range(start, c.refiner_iters), initial=start, total=c.refiner_iters,
-                    desc=f"stage 2 (refining G@{iteration})", unit="it")
+                    desc=f"stage 2 (refining G@{iteration})", unit="it", disable=not writes)
     for i in progress:
         x = next(healthy).to(runtime.device, non_blocking=True)
         loss = refiner_step(runtime, generator, train_diffusion, optimizer, x, noise_generator)
-        ema.update(diffusion)
+        if ranks > 1:  # the mean over ranks: every rank logs, and stops on a non-finite loss, alike
+            loss = distributed.mean(loss)
+        ema.update(diffusion)  # the unwrapped refiner: the same weights on every rank
         finite.add(i + 1, {"R": loss})  # --deferred_finite_check: read before the log and every save
         step = i + 1
-        if step == start + 5 and c.refiner_iters > step:
+        if writes and step == start + 5 and c.refiner_iters > step:
             rate = progress.format_dict["rate"] or 0
             if rate:
                 print(f"stage 2: {c.refiner_iters} iterations, about "
@@ -160,12 +183,14 @@ def train_refiner(runtime, config):
         if step % c.log_step == 0 or step == c.refiner_iters:
             finite.check()
             logger.log({"R/loss_diffusion": loss.item()}, step, progress)
-        if step % c.model_save_step == 0 and step < c.refiner_iters:
+        if writes and step % c.model_save_step == 0 and step < c.refiner_iters:
             finite.check()
             save_stage2(c, iteration, step, diffusion, ema, optimizer, healthy, noise_generator)
     finite.check()
     logger.close()
-    check = holdout_check(runtime, c, iteration, generator, ema.model, held_out)
+    check = holdout_check(runtime, c, iteration, generator, ema.model, held_out)  # every rank scores its shard
+    if not writes:
+        return
     save_stage2(c, iteration, c.refiner_iters, diffusion, ema, optimizer, healthy, noise_generator, check)
     report_holdout_check(check, c, iteration)
     print(f"Stage 2 done: {r_path} refines {model_path(c, iteration, 'G')}.")

@@ -20,5 +20,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 name=$1
 iteration=$2
 shift 2
-"$PYTHON" "$repo_root/main.py" --mode "test_$protocol" --image_dir "data/$name" --run_dir "runs/$name" \
+"${MAIN[@]}" --mode "test_$protocol" --image_dir "data/$name" --run_dir "runs/$name" \
   --test_iters "$iteration" "$@"

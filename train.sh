@@ -2,6 +2,7 @@
 # Train on data/NAME: stage 1 (Brainomaly GAN), then stage 2 (residual diffusion refiner) on the stage-1
 # checkpoint that AUCp picks without labels. Extra flags go to main.py, e.g.
 #   bash train.sh MedicalData --image_size 64 --num_iters 500 --model_save_step 100
+#   NGPU=4 bash train.sh MedicalData     (4 processes on this machine, DDP; --batch_size is per process)
 # Outputs: runs/NAME/{models,samples,logs,results}.  --refiner_iters 0 skips stage 2.
 set -euo pipefail
 if [ $# -lt 1 ]; then
@@ -11,5 +12,5 @@ fi
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 name=$1
 shift
-"$PYTHON" "$repo_root/main.py" --mode train --image_dir "data/$name" --run_dir "runs/$name" "$@"
-"$PYTHON" "$repo_root/main.py" --mode train_refiner --image_dir "data/$name" --run_dir "runs/$name" "$@"
+"${MAIN[@]}" --mode train --image_dir "data/$name" --run_dir "runs/$name" "$@"
+"${MAIN[@]}" --mode train_refiner --image_dir "data/$name" --run_dir "runs/$name" "$@"

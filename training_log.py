@@ -7,14 +7,18 @@ import torch
 
 import visualize
 from checkpoint import replace_config
+import distributed
 from errors import UserError
 
 
 class TrainingLogger:
-    """Losses to the progress bar, TensorBoard (default) and neptune.ai (only when asked for)."""
+    """Losses to the progress bar, TensorBoard (default) and neptune.ai (only when asked for); under torchrun only
+    rank 0 logs (the losses it logs are the means over ranks)."""
 
     def __init__(self, config, run_name):
         self.writer = self.neptune_run = None
+        if not distributed.is_main():
+            return
         if config.use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(config.log_dir, run_name))

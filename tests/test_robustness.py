@@ -94,6 +94,13 @@ def test_resume_gives_the_same_weights_as_one_run(toy_dataset, tmp_path):
             assert torch.allclose(ours[name], theirs[name], atol=1e-6), f"{part} {name} differs after resume"
 
 
+def test_resume_latest_on_an_empty_run_starts_at_zero(toy_dataset, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    assert main.main(train_args(toy_dataset, run_dir, "--num_iters", "2", "--resume_iters", "latest")) == 0
+    assert f"No stage-1 checkpoint in {run_dir}/models yet: starting from iteration 0." in capsys.readouterr().out
+    assert os.path.isfile(f"{run_dir}/models/2-G.ckpt")
+
+
 def test_new_run_refuses_to_overwrite_checkpoints(toy_dataset, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     assert main.main(train_args(toy_dataset, run_dir, "--num_iters", "2")) == 0
