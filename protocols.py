@@ -111,7 +111,7 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     result["seconds"] = round(time.time() - started, 2)
     if not runtime.is_main:
         return result
-    run_layout.write_csv([{"pid": pid, "label": int(label), "n_slices": int(n), "score": f"{score:.6f}",
+    run_layout.write_csv([{"pid": pid, "label": int(label), "n_slices": int(n), "score": f"{score:.9g}",
                            "prediction": int(score >= result["threshold"])}
                           for pid, label, n, score in zip(patients["pid"], patients["label"], patients["n_slices"],
                                                           patients["score"])], out.protocol_csv(name))

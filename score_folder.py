@@ -39,7 +39,7 @@ def score_folder(runtime, config):
         return
     patients = metrics.aggregate_patients([data_loader.patient_id(p) for p in paths], scores)
     output = c.output or out.folder_scores(tag)
-    run_layout.write_csv([{"pid": pid, "n_slices": int(n), "score": f"{score:.6f}", "flagged": int(score > threshold)}
+    run_layout.write_csv([{"pid": pid, "n_slices": int(n), "score": f"{score:.9g}", "flagged": int(score > threshold)}
                           for pid, n, score in zip(patients["pid"], patients["n_slices"], patients["score"])], output)
     flagged = int((patients["score"] > threshold).sum())
     print(f"Scored {len(paths)} slices of {len(patients['pid'])} patients from {folder} with checkpoint "

@@ -187,7 +187,7 @@ def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_
         flagged = int(score > threshold)
         save_overlay(prepared, canonical, png_path,
                      f"{pid}: score {score:.4f} ({'flagged' if flagged else 'not flagged'}, threshold {threshold:.4f})")
-        rows.append({"pid": pid, "n_slices": len(slice_scores), "score": f"{score:.6f}", "flagged": flagged})
+        rows.append({"pid": pid, "n_slices": len(slice_scores), "score": f"{score:.9g}", "flagged": flagged})
         print(f"[{number}/{len(volumes)}] {pid}: {len(slice_scores)} slices, score {score:.6f} -> {nifti_path}",
               flush=True)
     if not rows:

@@ -72,9 +72,9 @@ def test_shell_scripts_train_and_run_the_three_protocols(toy_dataset, tmp_path):
         summary = json.load(open(os.path.join(out, f"{protocol}.json")))
         assert summary["n_patients"] == n_patients and summary["n_slices"] == n_patients * SLICES_PER_PATIENT
         assert summary["checkpoint"] == 6
-        assert 0.0 <= summary["slice_auroc"] <= 1.0  # every slice against its patient's label
         rows = read_csv(os.path.join(out, f"{protocol}.csv"))
-        # the JSON's AUC is the one of the CSV's patient scores (diseased above healthy counts as 1)
+        # the JSON's AUC is the one of the CSV's patient scores (diseased above healthy counts as 1; 9 significant
+        # digits keep their order)
         positives = [float(r["score"]) for r in rows if r["label"] == "1"]
         negatives = [float(r["score"]) for r in rows if r["label"] == "0"]
         pairs = [(p > n) + 0.5 * (p == n) for p in positives for n in negatives]
