@@ -3,7 +3,9 @@
 # three protocols, AUCp over all checkpoints, score mode) whose CSVs and JSONs two versions must share.
 # usage: bash bench/same_program.sh REPO OUT   e.g. on `git archive OLD` and on this tree, then cmp the CSVs.
 set -euo pipefail
-repo=$1; out=$2; rm -rf $out; mkdir -p $out; cd $out
+repo=$(cd "$1" && pwd); out=$2
+[ ! -e "$out" ] || { echo "error: $out exists; pass a new folder." >&2; exit 2; }
+mkdir -p "$out"; cd "$out"
 export PYTHONPATH=$repo
 PY="${BRAINOMALY_PYTHON:-python3}"
 $PY -c "
