@@ -117,9 +117,8 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
         # input), and a DDP forward whose graph is differentiated twice is not what those hooks expect.
         # d_loss.backward() below runs each weight's accumulator once, on the sum of the first-order and the
         # penalty's second-order terms, so the one all-reduce averages the whole critic gradient.
-        # A compiled critic cannot be differentiated twice either: the penalty runs the eager module (same weights).
-        plain_critic = distributed.unwrap(critic)
-        d_loss_gp = gradient_penalty(getattr(plain_critic, "_orig_mod", plain_critic), x_healthy, fake, alpha)
+        # A compiled critic cannot be differentiated twice either: unwrap also strips torch.compile's wrapper.
+        d_loss_gp = gradient_penalty(distributed.unwrap(critic), x_healthy, fake, alpha)
         d_loss = d_loss_real + d_loss_fake + c.lambda_gp * d_loss_gp
     d_optimizer.zero_grad(set_to_none=True)
     d_loss.backward()
