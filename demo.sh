@@ -43,8 +43,8 @@ else
           --refiner_batch_size 8 --ddim_steps 1)
   loader=(--num_workers 0)
   if $full; then
-    stage1+=(--num_iters 6000 --model_save_step 500 --sample_step 500)
-    stage2+=(--refiner_iters 2000)
+    stage1+=(--num_iters 4000 --model_save_step 500 --sample_step 500)
+    stage2+=(--refiner_iters 1500)
   else
     stage1+=(--num_iters 800 --model_save_step 200 --sample_step 200)
     stage2+=(--refiner_iters 500)
