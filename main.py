@@ -142,9 +142,10 @@ def build_parser():
                    help="channels_last memory format for the networks (a CUDA speed option: same maths; its "
                         "speed has not been measured, no GPU was available)")
     d.add_argument("--compile", type=str2bool, default=False,
-                   help="torch.compile the generator, the refiner and the critic's plain forward passes (the "
-                        "gradient penalty differentiates the critic twice, which compiled graphs cannot: it "
-                        "stays eager); a CUDA speed option, speed unmeasured")
+                   help="torch.compile the generator (training and scoring), the refiner's training loss and the "
+                        "critic's plain forward passes (the gradient penalty differentiates the critic twice, "
+                        "which compiled graphs cannot: it stays eager; the refiner samples eagerly at scoring); "
+                        "a CUDA speed option, speed unmeasured")
     d.add_argument("--compile_backend", type=str, default="inductor",
                    help="torch.compile backend with --compile (aot_eager: no code generation, for checking)")
     d.add_argument("--fused_adam", type=str2bool, default=False,

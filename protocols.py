@@ -212,6 +212,10 @@ def print_result(result, out_dir):
           f"{result['n_slices']} slices, {result['seconds']} s")
     for label, value in rows:
         print(f"  {label:<26} {value:.4f}")
+    estimate = result.get("auc_estimate_from_rho")
+    if estimate is not None and not 0.0 <= estimate <= 1.0:
+        print(f"  (the AUC estimate lies outside [0, 1]: the mixed set's healthy slices do not score like the "
+              f"known-healthy ones to this model, or --rho {result['rho']} is off; read AUCp, not the estimate)")
     print(f"Results written to {out_dir}")
 
 

@@ -11,8 +11,17 @@ import metrics
 import run_layout
 import scoring
 import volume_scoring
+from errors import UserError
 from networks import load_for_scoring, resolve_iteration
 from protocols import known_healthy_reference
+
+
+def refuse_existing(csv_path, maps_dir):
+    """Score mode never overwrites: an earlier run's CSV (or maps folder) stops this one before any scoring."""
+    for path in (csv_path, maps_dir):
+        if path is not None and os.path.exists(path):
+            raise UserError(f"{path} already exists (an earlier scoring run); nothing was written.\n"
+                            f"Fix: pass another --output CSV, or move {path} away.")
 
 
 def score_folder(runtime, config):
@@ -27,10 +36,14 @@ def score_folder(runtime, config):
     threshold = metrics.healthy_percentile_threshold(np.array(reference["healthy_patient_scores"]), c.flag_percentile)
     out = run_layout.CheckpointResults(c.result_dir, iteration, networks.reconstruction)
     tag = volume_scoring.input_tag(folder)
-    if volumes:  # whole scans: maps written back onto each scan's grid
+    if volumes:  # whole scans, by rank 0 alone (volumes are not shared out): maps written back onto each grid
+        if not runtime.is_main:
+            return None
         return volume_scoring.score_volumes_command(volumes, scoring.anomaly_maps(runtime, networks), networks.config,
                                                     threshold, c.output or out.folder_scores(tag),
                                                     f"checkpoint {iteration} ({networks.reconstruction})")
+    output = c.output or out.folder_scores(tag)
+    refuse_existing(output, out.folder_maps(tag) if c.save_maps > 0 else None)
     panels = scoring.AnomalyPanels(paths, None, None, out.folder_maps(tag), c.save_maps, folder,
                                    networks.config.image_size)
     scores = scoring.score_slices(runtime, networks, paths, [panels] if c.save_maps > 0 else [])
@@ -38,7 +51,6 @@ def score_folder(runtime, config):
     if not runtime.is_main:
         return
     patients = metrics.aggregate_patients([data_loader.patient_id(p) for p in paths], scores)
-    output = c.output or out.folder_scores(tag)
     run_layout.write_csv([{"pid": pid, "n_slices": int(n), "score": f"{score:.9g}", "flagged": int(score > threshold)}
                           for pid, n, score in zip(patients["pid"], patients["n_slices"], patients["score"])], output)
     flagged = int((patients["score"] > threshold).sum())

@@ -16,6 +16,7 @@ import distributed
 import run_layout
 import scoring
 from checkpoint import replace_config
+from diffusion_refiner import REFINER_ARCHITECTURE_FLAGS
 from ema import EMA
 from errors import UserError
 from model import healthy_reconstruction
@@ -26,11 +27,22 @@ from training_log import TrainingLogger
 
 
 def refine_from_iteration(runtime, config):
-    """Stage 2 refines the stage-1 checkpoint --refine_from, or the one AUCp picks (no labels)."""
+    """Stage 2 refines the stage-1 checkpoint --refine_from, or the one AUCp picks (no labels). A restarted stage 2
+    (--resume_iters) with one unfinished refiner continues that one: a new sweep could pick another checkpoint."""
     if config.refine_from != "aucp":
         return resolve_iteration(config, config.refine_from, flag="--refine_from")
+    unfinished = unfinished_refiners(config) if config.resume_iters is not None else []
+    if len(unfinished) == 1:
+        distributed.main_print(f"Continuing the unfinished refiner of checkpoint {unfinished[0]} (no new AUCp sweep).")
+        return unfinished[0]
     # selection among stage-1 checkpoints scores x_c
     return best_checkpoint(checkpoint_sweep(runtime, replace_config(config, refiner="off"), "aucp"))
+
+
+def unfinished_refiners(config):
+    """Stage-1 iterations with a refiner training state (ITER-R-state) but no final refiner (ITER-R) yet."""
+    return sorted(set(ckpt.saved_iterations(config.model_save_dir, "R-state"))
+                  - set(ckpt.saved_iterations(config.model_save_dir, "R")))
 
 
 @torch.no_grad()
@@ -101,14 +113,18 @@ def report_holdout_check(check, config, iteration):
                           run_layout.refiner_check(config.result_dir, iteration))
 
 
-def save_stage2(config, iteration, step, diffusion, ema, optimizer, stream, noise_generator, check=None):
-    """ITER-R-state (raw weights, EMA, optimiser, stream position, noise generator), then ITER-R (EMA weights and,
-    once training has ended, the held-out check)."""
+def save_stage2(config, iteration, step, diffusion, ema, optimizer, stream, noise_generator, check=None,
+                final=False):
+    """ITER-R-state (raw weights, EMA, optimiser, stream position, noise generator); when training has ended
+    (final), then ITER-R (EMA weights and the held-out check). Periodic saves write no ITER-R, so scoring never
+    picks up a half-trained refiner that has not passed the held-out check."""
     saved = saved_config(config)
     ckpt.atomic_save({"state_dict": diffusion.state_dict(), "ema": ema.state_dict(),
                       "optimizer": optimizer.state_dict(), "noise_generator": noise_generator.get_state(),
                       "stream": stream.state_dict(), "refiner_iteration": step, "config": saved},
                      model_path(config, iteration, "R-state"))
+    if not final:
+        return
     # R last: scoring treats ITER-R.ckpt as "the refiner of ITER exists".
     ckpt.atomic_save({"state_dict": ema.model.state_dict(), "config": saved, "refines": iteration,
                       "refiner_iteration": step, "holdout_check": check}, model_path(config, iteration, "R"))
@@ -139,9 +155,12 @@ def train_refiner(runtime, config):
     generator, c, _ = load_generator(runtime, c, iteration)
     r_path, state_path = model_path(c, iteration, "R"), model_path(c, iteration, "R-state")
     resume = c.resume_iters is not None and os.path.isfile(state_path)
-    if os.path.isfile(r_path) and not resume:
-        raise UserError(f"{r_path} already exists; training stage 2 again would overwrite it.\n"
-                        f"Fix: continue it with --resume_iters latest, or delete {r_path} and {state_path}.")
+    for path in (r_path, state_path):
+        if os.path.isfile(path) and not resume:
+            raise UserError(f"{path} already exists; training stage 2 again would overwrite it.\n"
+                            f"Fix: continue it with --resume_iters latest, or delete {r_path} and {state_path}.")
+    if resume:  # build the refiner the saved state was trained with, whatever the flags say
+        c = ckpt.reconciled_config(c, ckpt.load(state_path)["config"], REFINER_ARCHITECTURE_FLAGS, state_path)
     # known-healthy patients held out of refiner training, for the label-free check at the end
     trained_on, held_out = data_loader.hold_out_patients(
         data_loader.require_images(c.image_dir, data_loader.HEALTHY_FOLDER), c.refiner_holdout, c.seed + 5)
@@ -191,6 +210,6 @@ def train_refiner(runtime, config):
     check = holdout_check(runtime, c, iteration, generator, ema.model, held_out)  # every rank scores its shard
     if not writes:
         return
-    save_stage2(c, iteration, c.refiner_iters, diffusion, ema, optimizer, healthy, noise_generator, check)
+    save_stage2(c, iteration, c.refiner_iters, diffusion, ema, optimizer, healthy, noise_generator, check, final=True)
     report_holdout_check(check, c, iteration)
     print(f"Stage 2 done: {r_path} refines {model_path(c, iteration, 'G')}.")

@@ -92,3 +92,15 @@ def test_shell_scripts_train_and_run_the_three_protocols(toy_dataset, tmp_path):
     assert [row["iteration"] for row in table["table"]] == [3, 6]
     best = max(table["table"], key=lambda row: row["auc"])["iteration"]
     assert table["best_iteration"] == best and f"Best checkpoint by AUCp" in selection.stdout
+
+
+def test_an_auc_estimate_outside_0_1_is_flagged_not_printed_as_a_figure(capsys):
+    from protocols import print_result
+    result = {"protocol": "aucp", "auc": 0.84, "average_precision": 0.87, "sensitivity": 0.75, "specificity": 0.75,
+              "threshold": 0.004, "checkpoint": 4000, "reconstruction": "coarse", "n_patients": 160,
+              "n_slices": 1280, "seconds": 19.0, "rho": 0.6, "auc_estimate_from_rho": (0.84 - 0.3) / 0.4}
+    print_result(result, "out")
+    out = capsys.readouterr().out
+    assert "AUC estimate (rho 0.6)" in out and "1.3500" in out and "outside [0, 1]" in out
+    print_result({**result, "auc": 0.66, "auc_estimate_from_rho": (0.66 - 0.3) / 0.4}, "out")
+    assert "outside [0, 1]" not in capsys.readouterr().out

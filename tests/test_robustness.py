@@ -169,3 +169,37 @@ def test_training_killed_at_random_moments_resumes_to_the_end(toy_dataset, tmp_p
     for name in names:
         if name.endswith(".ckpt"):
             torch.load(f"{models}/{name}", weights_only=True)  # every checkpoint left behind loads
+
+
+def test_interrupted_stage2_leaves_no_scoring_refiner_and_resumes_with_its_own_architecture(
+        toy_dataset, tmp_path, capsys, monkeypatch):
+    import stage2_training
+    run_dir = str(tmp_path / "run")
+    assert main.main(train_args(toy_dataset, run_dir, "--num_iters", "2", "--model_save_step", "1")) == 0
+    stage2 = ["--mode", "train_refiner", "--image_dir", toy_dataset, "--run_dir", run_dir, "--num_workers", "0",
+              "--use_tensorboard", "false", "--refiner_batch_size", "4", "--score_batch_size", "8",
+              "--refiner_iters", "4", "--model_save_step", "2"]
+    tiny_refiner = ["--refiner_dim", "8", "--refiner_dim_mults", "1,2", "--refiner_attn_levels", "1",
+                    "--refiner_heads", "2"]
+
+    def killed(*args):  # the job dies after the periodic save at refiner iteration 2, before the end
+        raise KeyboardInterrupt
+    monkeypatch.setattr(stage2_training, "holdout_check", killed)
+    try:
+        main.main([*stage2, *tiny_refiner])
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    models = f"{run_dir}/models"
+    [picked] = stage2_training.unfinished_refiners(main.parse_config(["--run_dir", run_dir]))
+    assert not os.path.exists(f"{models}/{picked}-R.ckpt")  # nothing a protocol would score as "the refiner"
+    capsys.readouterr()
+
+    # The requeued job repeats the plain command: the default --refiner_dim 64 does not apply to the saved state.
+    assert main.main([*stage2, "--resume_iters", "latest"]) == 0
+    out = capsys.readouterr().out
+    assert f"Continuing the unfinished refiner of checkpoint {picked} (no new AUCp sweep)." in out
+    assert "Resumed stage 2 of checkpoint" in out and "from refiner iteration 2" in out
+    final = torch.load(f"{models}/{picked}-R.ckpt", weights_only=True)
+    assert final["refiner_iteration"] == 4 and final["config"]["refiner_dim"] == 8
+    assert final["holdout_check"] is not None

@@ -9,7 +9,7 @@ from ema import EMA
 from main import parse_config
 from networks import build_refiner, model_path
 from solver import Runtime
-from stage2_training import refiner_step, restore_stage2, save_stage2
+from stage2_training import refiner_step, restore_stage2, save_stage2, unfinished_refiners
 
 
 def stage2_state(config, runtime, seed):
@@ -32,8 +32,9 @@ def test_stage2_checkpoint_round_trip_restores_weights_ema_optimiser_stream_and_
     config = parse_config(["--image_dir", toy_dataset, "--run_dir", str(tmp_path / "run"), *TINY_FLAGS])
     runtime = Runtime(config)
     saved = stage2_state(config, runtime, seed=3)
-    save_stage2(config, 40, 7, *saved)
-    assert os.path.isfile(model_path(config, 40, "R")) and os.path.isfile(model_path(config, 40, "R-state"))
+    save_stage2(config, 40, 7, *saved)  # a periodic save: the training state only, nothing scoring would load
+    assert os.path.isfile(model_path(config, 40, "R-state")) and not os.path.isfile(model_path(config, 40, "R"))
+    assert unfinished_refiners(config) == [40]
 
     restored = stage2_state(config, runtime, seed=1)  # another state, overwritten by the restore
     assert restore_stage2(config, 40, *restored) == 7
@@ -48,7 +49,9 @@ def test_stage2_checkpoint_round_trip_restores_weights_ema_optimiser_stream_and_
     assert torch.equal(next(stream2), next(stream))  # same position in the same shuffled order
     assert torch.equal(torch.randn(4, generator=noise2), torch.randn(4, generator=noise))
 
-    # ITER-R holds the EMA weights (what scoring loads), and names the stage-1 checkpoint it refines.
+    # The final save adds ITER-R: the EMA weights (what scoring loads), naming the stage-1 checkpoint it refines.
+    save_stage2(config, 40, 7, *saved, final=True)
+    assert unfinished_refiners(config) == []
     scoring_checkpoint = torch.load(model_path(config, 40, "R"), weights_only=True)
     assert scoring_checkpoint["refines"] == 40 and scoring_checkpoint["refiner_iteration"] == 7
     for name, value in ema.model.state_dict().items():
