@@ -159,7 +159,7 @@ def train_refiner(runtime, config):
         if os.path.isfile(path) and not resume:
             raise UserError(f"{path} already exists; training stage 2 again would overwrite it.\n"
                             f"Fix: continue it with --resume_iters latest, or delete {r_path} and {state_path}.")
-    if resume:  # build the refiner the saved state was trained with, whatever the flags say
+    if resume:  # build the refiner the saved state was trained with (refiner flags need not be repeated)
         c = ckpt.reconciled_config(c, ckpt.load(state_path)["config"], REFINER_ARCHITECTURE_FLAGS, state_path)
     # known-healthy patients held out of refiner training, for the label-free check at the end
     trained_on, held_out = data_loader.hold_out_patients(
