@@ -115,7 +115,7 @@ def anomaly_image(prepared, volume):
 
 
 def score_volume(prepared, anomaly_maps, batch_size):
-    """(slice scores (N,), slice maps (N, S, S)) of a prepared volume; slice score = mean of its map."""
+    """(slice scores (N,), slice maps (N, S, S)) of a prepared volume; slice score = its map's mean inside the head."""
     batch = slice_batch(prepared)
     pid = volume_pid(prepared.path)
     names = [slice_filename(pid, k) for k in prepared.indices]
@@ -127,7 +127,7 @@ def score_volume(prepared, anomaly_maps, batch_size):
     maps = np.concatenate(maps)
     if maps.shape != (len(batch),) + tuple(batch.shape[-2:]):
         raise ValueError(f"anomaly_maps returned shape {maps.shape} for a batch of shape {tuple(batch.shape)}")
-    return maps.mean(axis=(1, 2)).astype(np.float64), maps
+    return metrics.slice_scores(batch.mean(dim=1).numpy(), maps), maps
 
 
 def save_overlay(prepared, canonical, path, title):
