@@ -3,6 +3,7 @@ import argparse
 import sys
 
 import distributed
+import metrics
 import run_layout
 from errors import UserError, run_cli
 from solver import Solver
@@ -110,6 +111,9 @@ def build_parser():
     e = p.add_argument_group("testing and scoring")
     e.add_argument("--test_iters", type=iteration_or_keyword("all", "latest"), default=150000,
                    help="checkpoint to score; 'all' scores every saved checkpoint")
+    e.add_argument("--score_region", choices=metrics.SCORE_REGIONS, default="head",
+                   help="slice score = the anomaly map's mean inside the head (input above the black background) or "
+                        "over the whole image (the reference's score)")
     e.add_argument("--score_batch_size", type=int, default=16,
                    help="slices per scoring batch (under torchrun whole batches are shared out among the ranks)")
     e.add_argument("--rho", type=float, default=None, help="healthy share of the mixed set: turns AUCp into an AUC estimate")

@@ -86,6 +86,7 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     pids = [data_loader.patient_id(p) for p in paths]
     patients = metrics.aggregate_patients(pids, scores, labels)
     result = {"protocol": name, "checkpoint": iteration, "reconstruction": reconstruction,
+              "score_region": c.score_region,
               **metrics.evaluate(patients["label"], patients["score"]),
               "n_patients": len(patients["pid"]), "n_slices": len(paths),
               "slice_auroc": metrics.slice_auroc(pids, scores, labels)}

@@ -1,6 +1,6 @@
 """Scoring, one path for every protocol and for score mode: each slice's healthy reconstruction (coarse
 x_c = tanh(x + G(x)), refined x_r = x_c + r_hat when a refiner is loaded), its anomaly map |x - x_r| / 2 and
-its slice score, the map's mean inside the head (metrics.slice_scores), in [0, 1].
+its slice score, the map's mean inside the head (--score_region, metrics.slice_scores), in [0, 1].
 
 scored_batches yields what scoring computes, batch by batch; score_slices collects the slice scores and hands
 each batch to consumers, such as pixel_metrics_consumer, HealthyMapScale and AnomalyPanels below. anomaly_maps
@@ -51,13 +51,14 @@ class ScoredBatch(NamedTuple):
     coarse: torch.Tensor
     refined: Optional[torch.Tensor]  # None when scoring with x_c alone
     anomaly_map: torch.Tensor  # |x - x_r| / 2, channels averaged: (batch, height, width)
-    scores: np.ndarray  # slice scores (float64), the anomaly map's mean inside the head
+    scores: np.ndarray  # slice scores (float64), the anomaly map's mean over --score_region
 
 
-def map_and_scores(x, reconstruction):
-    """(anomaly map |x - reconstruction| / 2 with channels averaged (N, H, W), slice scores (float64 (N,))."""
+def map_and_scores(x, reconstruction, region):
+    """(anomaly map |x - reconstruction| / 2 with channels averaged (N, H, W), slice scores (float64 (N,)) over
+    `region` (--score_region, metrics.slice_scores))."""
     anomaly_map = (x - reconstruction).abs().mean(dim=1) / 2
-    return anomaly_map, metrics.slice_scores(x.mean(dim=1).float().cpu(), anomaly_map.float().cpu())
+    return anomaly_map, metrics.slice_scores(x.mean(dim=1).float().cpu(), anomaly_map.float().cpu(), region)
 
 
 @torch.inference_mode()
@@ -67,7 +68,7 @@ def score_batch(runtime, networks, x, names, index):
     noises = () if networks.refiner is None else [slice_noise(names, x.shape[1:], c.seed + k)
                                                   for k in range(c.refiner_samples)]
     coarse, refined = reconstruct(runtime, c, x, networks.generator, networks.refiner, noises)
-    anomaly_map, scores = map_and_scores(x, coarse if refined is None else refined)
+    anomaly_map, scores = map_and_scores(x, coarse if refined is None else refined, c.score_region)
     return ScoredBatch(np.asarray(index), x, coarse, refined, anomaly_map, scores)
 
 

@@ -77,14 +77,14 @@ def refiner_step(runtime, generator, diffusion, optimizer, x, noise_generator):
 @torch.no_grad()
 def holdout_check(runtime, config, iteration, generator, refiner, paths):
     """The label-free guard: on known-healthy slices the refiner never trained on, does x_r reconstruct x better
-    than x_c does? (mean |x - x_c|/2 against mean |x - x_r|/2 inside the head, scored exactly as the protocols
+    than x_c does? (mean |x - x_c|/2 against mean |x - x_r|/2 over --score_region, scored exactly as the protocols
     score; under torchrun each rank scores its shard and the sums are added up, so every rank gets the check.)"""
     if not paths:
         return None
     networks = ScoringNetworks(iteration, generator, refiner, config, {})
     coarse_error = refined_error = 0.0
     for batch in scoring.scored_batches(runtime, networks, paths):
-        coarse_error += float(scoring.map_and_scores(batch.x, batch.coarse)[1].sum())
+        coarse_error += float(scoring.map_and_scores(batch.x, batch.coarse, config.score_region)[1].sum())
         refined_error += float(batch.scores.sum())
     if runtime.world_size > 1:
         parts = distributed.all_gather((coarse_error, refined_error))

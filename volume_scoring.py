@@ -114,8 +114,9 @@ def anomaly_image(prepared, volume):
     return image
 
 
-def score_volume(prepared, anomaly_maps, batch_size):
-    """(slice scores (N,), slice maps (N, S, S)) of a prepared volume; slice score = its map's mean inside the head."""
+def score_volume(prepared, anomaly_maps, batch_size, score_region="head"):
+    """(slice scores (N,), slice maps (N, S, S)) of a prepared volume; slice score = its map's mean over
+    score_region (metrics.slice_scores), as a slice PNG scores."""
     batch = slice_batch(prepared)
     pid = volume_pid(prepared.path)
     names = [slice_filename(pid, k) for k in prepared.indices]
@@ -127,7 +128,7 @@ def score_volume(prepared, anomaly_maps, batch_size):
     maps = np.concatenate(maps)
     if maps.shape != (len(batch),) + tuple(batch.shape[-2:]):
         raise ValueError(f"anomaly_maps returned shape {maps.shape} for a batch of shape {tuple(batch.shape)}")
-    return metrics.slice_scores(batch.mean(dim=1).numpy(), maps), maps
+    return metrics.slice_scores(batch.mean(dim=1).numpy(), maps, score_region), maps
 
 
 def save_overlay(prepared, canonical, path, title):
@@ -154,7 +155,7 @@ def refuse_existing(csv_path, volume_dir, pids):
 
 
 def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_size=16, min_brain_fraction=0.3,
-                  slice_range=None):
+                  slice_range=None, score_region="head"):
     """Score NIfTI volumes; write each scan's anomaly NIfTI and overlay PNG into the folder named like csv_path
     without .csv. Returns (CSV rows pid, n_slices, score, flagged; [(skipped path, reason)]); the caller writes
     the rows to csv_path (refused up front, like the maps, when it exists)."""
@@ -177,7 +178,7 @@ def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_
             skipped.append((path, str(err).splitlines()[0]))
             print(f"warning: skipped {path}: {skipped[-1][1]}", file=sys.stderr)
             continue
-        slice_scores, maps = score_volume(prepared, anomaly_maps, batch_size)
+        slice_scores, maps = score_volume(prepared, anomaly_maps, batch_size, score_region)
         patient = metrics.aggregate_patients([pid] * len(slice_scores), slice_scores)
         score = float(patient["score"][0])
         canonical = canonical_map(prepared, maps)
@@ -201,7 +202,7 @@ def score_volumes_command(volumes, anomaly_maps, config, threshold, csv_path, mo
     """Score mode on NIfTI input: score, write the CSV (run_layout.write_csv), print a summary."""
     slice_range = prepare_data.parse_slices(config.slices) if config.slices else None
     rows, skipped = score_volumes(volumes, anomaly_maps, config.image_size, csv_path, threshold,
-                                  config.score_batch_size, config.min_brain_fraction, slice_range)
+                                  config.score_batch_size, config.min_brain_fraction, slice_range, config.score_region)
     write_csv(rows, csv_path)
     flagged = sum(row["flagged"] for row in rows)
     print(f"Scored {len(rows)} of {len(volumes)} volumes from {config.image_dir} with {model_name}.\n"
