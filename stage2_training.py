@@ -152,7 +152,7 @@ def train_refiner(runtime, config):
     ranks = runtime.world_size
     data_loader.check_dataset(c.image_dir, c.refiner_batch_size * ranks, batch_flag="--refiner_batch_size")
     iteration = refine_from_iteration(runtime, c)
-    generator, c, _ = load_generator(runtime, c, iteration)
+    generator, c, trained_with = load_generator(runtime, c, iteration)
     r_path, state_path = model_path(c, iteration, "R"), model_path(c, iteration, "R-state")
     resume = c.resume_iters is not None and os.path.isfile(state_path)
     for path in (r_path, state_path):
@@ -161,11 +161,14 @@ def train_refiner(runtime, config):
                             f"Fix: continue it with --resume_iters latest, or delete {r_path} and {state_path}.")
     if resume:  # build the refiner the saved state was trained with (refiner flags need not be repeated)
         c = ckpt.reconciled_config(c, ckpt.load(state_path)["config"], REFINER_ARCHITECTURE_FLAGS, state_path)
-    # known-healthy patients held out of refiner training, for the label-free check at the end
-    trained_on, held_out = data_loader.hold_out_patients(
-        data_loader.require_images(c.image_dir, data_loader.HEALTHY_FOLDER), c.refiner_holdout, c.seed + 5)
+    # known-healthy patients held out of refiner training, for the label-free check at the end: the ones stage 1
+    # held out (seen by neither stage); for a stage 1 trained before --healthy_holdout existed (it held none out),
+    # this --healthy_holdout share, as the refiner alone held out before
+    fraction = trained_with.get("healthy_holdout", c.healthy_holdout)
+    trained_on, held_out = data_loader.known_healthy_split(c.image_dir, fraction, trained_with.get("seed", c.seed))
     healthy = data_loader.training_stream(trained_on, c.image_size, c.refiner_batch_size, c.seed + 3, c.preload,
-                                          **runtime.stream_options(), batch_flag="--refiner_batch_size")
+                                          **runtime.stream_options(),
+                                          batch_flag="--refiner_batch_size or --healthy_holdout")
     diffusion = build_refiner(runtime, c)
     diffusion.residual_scale.fill_(residual_std(runtime, generator, healthy))
     ema = EMA(diffusion, c.refiner_ema)

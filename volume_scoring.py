@@ -22,7 +22,7 @@ import prepare_data
 import visualize
 from data_loader import BORDER_PAD, is_image_file, preprocess, slice_filename, to_8bit
 from errors import UserError
-from run_layout import write_csv
+from run_layout import refuse_existing_outputs, write_csv
 
 MONTAGE_LEVELS = 6       # axial levels in the overlay picture
 OVERLAY_PERCENTILE = 95  # the overlay shows map values above this percentile of the scored brain voxels
@@ -146,14 +146,6 @@ def save_overlay(prepared, canonical, path, title):
                                    f"right on the left", threshold, aspect, label="anomaly |x - x_r| / 2")
 
 
-def refuse_existing(csv_path, volume_dir, pids):
-    existing = [p for p in [csv_path] + [q for pid in pids for q in output_paths(volume_dir, pid)] if os.path.exists(p)]
-    if existing:
-        raise UserError(f"{len(existing)} output(s) of this scoring run already exist, e.g. {existing[0]}; nothing was "
-                        f"written.\nFix: pass another --output CSV (the maps go to the folder named like it), or "
-                        f"move those files away.")
-
-
 def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_size=16, min_brain_fraction=0.3,
                   slice_range=None, score_region="head"):
     """Score NIfTI volumes; write each scan's anomaly NIfTI and overlay PNG into the folder named like csv_path
@@ -167,7 +159,7 @@ def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_
             raise UserError(f"two volumes would share the patient id {pid}: {seen[pid]} and {path}.\n"
                             f"Fix: rename one of them, or score their folders separately.")
         seen[pid] = path
-    refuse_existing(csv_path, volume_dir, pids)
+    refuse_existing_outputs([csv_path] + [path for pid in pids for path in output_paths(volume_dir, pid)])
     rows, skipped = [], []
     for number, (path, pid) in enumerate(zip(volumes, pids), start=1):
         try:

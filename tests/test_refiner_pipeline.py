@@ -58,5 +58,5 @@ def test_two_stages_refined_and_coarse_scoring_maps_and_new_scans(toy_dataset, t
     assert [r["flagged"] for r in rows] == [str(int(float(r["score"]) > threshold)) for r in rows]
     again = run(["bash", f"{REPO}/score.sh", "Toy", str(best), "data/Toy/test/pos", "--num_workers", "0",
                  "--ddim_steps", "2", "--output", "new_scores.csv"], work)
-    assert again.returncode == 2 and "new_scores.csv already exists" in again.stderr and "--output" in again.stderr
+    assert again.returncode == 2 and "new_scores.csv" in again.stderr and "already exist" in again.stderr and "--output" in again.stderr
     assert read_csv(f"{work}/new_scores.csv") == rows
