@@ -113,6 +113,12 @@ def evaluate(labels, scores):
     }
 
 
+def patient_auc(pids, slice_scores, labels):
+    """Patient-level ROC AUC of slice scores (patients aggregated as aggregate_patients does)."""
+    patients = aggregate_patients(pids, slice_scores, labels)
+    return float(roc_auc_score(*_check_binary(patients["label"], patients["score"])))
+
+
 def slice_auroc(pids, slice_scores, labels):
     """Slice-level ROC AUC: every slice scored on its own, labelled with its patient's label (as aggregated)."""
     patients = aggregate_patients(pids, slice_scores, labels)

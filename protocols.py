@@ -62,7 +62,11 @@ NEPTUNE_KEYS = ("auc", "average_precision", "sensitivity", "specificity", "thres
 
 def held_out_known_healthy(training_config, image_dir):
     """The known-healthy slices of image_dir that stage 1 (trained with training_config) held out of training, or
-    None when it held none out (a run from before --healthy_holdout, or --healthy_holdout 0)."""
+    None when it held none out (a run from before --healthy_holdout, or --healthy_holdout 0) or image_dir is not
+    the folder it trained on (then none of its train/neg was trained on)."""
+    trained_dir = training_config.get("image_dir", image_dir)
+    if os.path.realpath(trained_dir) != os.path.realpath(image_dir):
+        return None
     fraction = training_config.get("healthy_holdout", 0.0)
     held_out = data_loader.known_healthy_split(image_dir, fraction, training_config.get("seed", 0))[1]
     return held_out or None
@@ -117,7 +121,7 @@ def score_protocol(runtime, networks, name, paths, labels, started):
         result["labels_used"] = "none: known-healthy set = 0, whole mixed set = 1"
         result["known_healthy"] = ("patients held out of stage-1 training"
                                    if held_out_known_healthy(networks.training_config, c.image_dir) is not None
-                                   else "all of train/neg (stage 1 trained on them)")
+                                   else "all of train/neg")
         if c.rho is not None:
             result["auc_estimate_from_rho"] = metrics.aucp_to_auc(result["auc"], c.rho)
             result["rho"] = c.rho

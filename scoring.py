@@ -119,6 +119,22 @@ def score_slices(runtime, networks, paths, consumers=()):
     return scores
 
 
+class CoarseScores:
+    """Consumer: each slice's score with the coarse reconstruction x_c, beside the refined ones score_slices
+    returns (one pass scores both); `scores` holds all the slices' on every rank after merge_ranks."""
+
+    def __init__(self, n_slices, region):
+        self.scores, self.region, self.mine = np.zeros(n_slices), region, []
+
+    def __call__(self, batch):
+        self.scores[batch.index] = map_and_scores(batch.x, batch.coarse, self.region)[1]
+        self.mine.append(batch.index)
+
+    def merge_ranks(self):
+        mine = np.concatenate(self.mine) if self.mine else np.zeros(0, dtype=np.int64)
+        self.scores = distributed.gather_by_index(mine, self.scores[mine], len(self.scores))
+
+
 def pixel_metrics_consumer(pixel_metrics, paths, image_dir, image_size):
     """Adds each slice's anomaly map to pixel_metrics (metrics.PixelMetrics) where the slice has masks."""
     def consume(batch):
