@@ -262,6 +262,12 @@ def hold_out_patients(paths, fraction, seed):
     return [p for p in paths if patient_id(p) not in held], [p for p in paths if patient_id(p) in held]
 
 
+def known_healthy_split(root, fraction, seed):
+    """(trained_on, held_out) slices of the known-healthy set train/neg: the seeded --healthy_holdout share of
+    its patients that neither stage trains on (AUCp's label-0 set and the refiner's check)."""
+    return hold_out_patients(require_images(root, HEALTHY_FOLDER), fraction, seed + 5)
+
+
 def training_stream(paths, image_size, batch_size, seed, preload="auto", num_workers=0, pin_memory=False,
                     batch_flag="--batch_size", rank=0, world_size=1, preload_device=None):
     """An endless batch stream over `paths` (this rank's shard): the mixed set M and the healthy set H each get
@@ -272,11 +278,13 @@ def training_stream(paths, image_size, batch_size, seed, preload="auto", num_wor
                           rank, world_size, preload_device)
 
 
-def protocol_slices(root, protocol):
-    """(paths, labels) of every slice a protocol scores, in folder then file order."""
+def protocol_slices(root, protocol, known_healthy=None):
+    """(paths, labels) of every slice a protocol scores, in folder then file order; known_healthy (slice paths)
+    replaces the train/neg folder's slices (AUCp over the held-out known-healthy patients)."""
     paths, labels = [], []
     for folder, label in PROTOCOL_SETS[protocol]:
-        images = require_images(root, folder)
+        images = known_healthy if folder == HEALTHY_FOLDER and known_healthy is not None \
+            else require_images(root, folder)
         paths += images
         labels += [label] * len(images)
     return paths, labels

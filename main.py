@@ -3,6 +3,7 @@ import argparse
 import sys
 
 import distributed
+import metrics
 import run_layout
 from errors import UserError, run_cli
 from solver import Solver
@@ -81,6 +82,11 @@ def build_parser():
                    help="decay of the exponential moving average of G's weights that checkpoints hold and scoring and "
                         "the AUCp selection use (0: off, the raw G as in the reference)")
     t.add_argument("--seed", type=int, default=0, help="random seed (a CPU run is repeatable)")
+    t.add_argument("--healthy_holdout", "--refiner_holdout", type=float, default=0.2,
+                   help="share of the known-healthy patients (train/neg) held out of both stages' training: AUCp "
+                        "scores them, healthy brains the GAN has not memorised, against the mixed set, and stage 2 "
+                        "ends by checking on them that the refiner lowers their reconstruction error; 0 = none "
+                        "(AUCp over all of train/neg, as the reference)")
 
     r = p.add_argument_group("refiner (stage 2: residual diffusion)")
     r.add_argument("--refiner", choices=("auto", "on", "off"), default="auto",
@@ -90,9 +96,6 @@ def build_parser():
     r.add_argument("--refine_from", type=iteration_or_keyword("aucp"), default="aucp",
                    help="stage-1 checkpoint the refiner refines: an iteration, or 'aucp' to pick it by AUCp")
     r.add_argument("--refiner_batch_size", type=int, default=16, help="known-healthy slices per refiner batch, per rank")
-    r.add_argument("--refiner_holdout", type=float, default=0.2,
-                   help="share of known-healthy patients held out of refiner training: stage 2 ends by checking, "
-                        "without labels, that the refiner lowers their reconstruction error")
     r.add_argument("--refiner_lr", type=float, default=2e-4, help="refiner Adam learning rate")
     r.add_argument("--refiner_ema", type=float, default=0.999, help="EMA decay of the refiner weights used to score")
     r.add_argument("--refiner_dim", type=int, default=64, help="refiner UNet base width")
@@ -110,6 +113,9 @@ def build_parser():
     e = p.add_argument_group("testing and scoring")
     e.add_argument("--test_iters", type=iteration_or_keyword("all", "latest"), default=150000,
                    help="checkpoint to score; 'all' scores every saved checkpoint")
+    e.add_argument("--score_region", choices=metrics.SCORE_REGIONS, default="head",
+                   help="slice score = the anomaly map's mean inside the head (input above the black background) or "
+                        "over the whole image (the reference's score)")
     e.add_argument("--score_batch_size", type=int, default=16,
                    help="slices per scoring batch (under torchrun whole batches are shared out among the ranks)")
     e.add_argument("--rho", type=float, default=None, help="healthy share of the mixed set: turns AUCp into an AUC estimate")

@@ -80,10 +80,12 @@ def load_refiner(runtime, config, iteration):
     saved = ckpt.load(path)
     check = saved.get("holdout_check")
     if choice == "auto" and check is not None and not check["refiner_helps"]:
+        aucp = (f"; AUCp against the mixed set {check['aucp_refined']:.4f} vs {check['aucp_coarse']:.4f}"
+                if "aucp_refined" in check else "")  # checks written before the AUCp comparison have no AUCp
         distributed.main_print(
-            f"WARNING: the refiner of checkpoint {iteration} did not lower the reconstruction error of held-out "
-            f"known-healthy slices ({check['refined_error']:.5f} vs {check['coarse_error']:.5f} with x_c), so "
-            f"--refiner auto scores with the coarse reconstruction x_c. --refiner on forces the refiner.")
+            f"WARNING: the refiner of checkpoint {iteration} failed its held-out check (held-out known-healthy "
+            f"error {check['refined_error']:.5f} vs {check['coarse_error']:.5f} with x_c{aucp}), so --refiner auto "
+            f"scores with the coarse reconstruction x_c. --refiner on forces the refiner.")
         return None, config
     config = ckpt.reconciled_config(config, saved["config"], REFINER_ARCHITECTURE_FLAGS, path)
     diffusion = build_refiner(runtime, config)

@@ -5,6 +5,10 @@
 | transductive | train/neg_mixed vs train/pos                  | true, evaluation only  |
 | aucp         | train/neg vs train/pos + train/neg_mixed      | none (label-free)      |
 
+AUCp's train/neg is the known-healthy patients stage 1 held out of training (--healthy_holdout, saved in the
+checkpoint; all of train/neg for a run that held none out, as the reference): the GAN fits its own training
+slices ever more closely (identity loss), so AUCp over them keeps rising after detection has peaked.
+
 Also the run of a protocol over every saved checkpoint; over AUCp it is the label-free checkpoint selection.
 
 Under torchrun the ranks share out the slices (scoring.py) and every rank gets all the scores, so every rank
@@ -56,11 +60,30 @@ PROTOCOLS = {p.name: p for p in (
 NEPTUNE_KEYS = ("auc", "average_precision", "sensitivity", "specificity", "threshold", "tn", "fp", "fn", "tp")
 
 
+def held_out_known_healthy(training_config, image_dir):
+    """The known-healthy slices of image_dir that stage 1 (trained with training_config) held out of training, or
+    None when it held none out (a run from before --healthy_holdout, or --healthy_holdout 0) or image_dir is not
+    the folder it trained on (then none of its train/neg was trained on)."""
+    trained_dir = training_config.get("image_dir", image_dir)
+    if os.path.realpath(trained_dir) != os.path.realpath(image_dir):
+        return None
+    fraction = training_config.get("healthy_holdout", 0.0)
+    held_out = data_loader.known_healthy_split(image_dir, fraction, training_config.get("seed", 0))[1]
+    return held_out or None
+
+
+def protocol_slices(networks, name, image_dir):
+    """(paths, labels) protocol NAME scores in image_dir with these networks: AUCp's label 0 is the known-healthy
+    patients their stage 1 held out of training where it held some out."""
+    known_healthy = held_out_known_healthy(networks.training_config, image_dir) if name == "aucp" else None
+    return data_loader.protocol_slices(image_dir, name, known_healthy)
+
+
 def run_protocol(runtime, config, name, iteration):
     """Score protocol NAME's sets with checkpoint ITER; write CSV, JSON and plots; return the JSON dict."""
     started = time.time()
-    paths, labels = data_loader.protocol_slices(config.image_dir, name)
     networks = load_for_scoring(runtime, config, iteration)
+    paths, labels = protocol_slices(networks, name, config.image_dir)
     return score_protocol(runtime, networks, name, paths, labels, started)
 
 
@@ -86,6 +109,7 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     pids = [data_loader.patient_id(p) for p in paths]
     patients = metrics.aggregate_patients(pids, scores, labels)
     result = {"protocol": name, "checkpoint": iteration, "reconstruction": reconstruction,
+              "score_region": c.score_region,
               **metrics.evaluate(patients["label"], patients["score"]),
               "n_patients": len(patients["pid"]), "n_slices": len(paths),
               "slice_auroc": metrics.slice_auroc(pids, scores, labels)}
@@ -95,6 +119,9 @@ def score_protocol(runtime, networks, name, paths, labels, started):
                       refiner_holdout_check=getattr(networks.refiner, "holdout_check", None))
     if protocol.label_free:
         result["labels_used"] = "none: known-healthy set = 0, whole mixed set = 1"
+        result["known_healthy"] = ("patients held out of stage-1 training"
+                                   if held_out_known_healthy(networks.training_config, c.image_dir) is not None
+                                   else "all of train/neg")
         if c.rho is not None:
             result["auc_estimate_from_rho"] = metrics.aucp_to_auc(result["auc"], c.rho)
             result["rho"] = c.rho
@@ -135,7 +162,7 @@ def known_healthy_reference(runtime, networks):
                                f"({networks.reconstruction}) yet: scoring {training_dir}/train/neg and the mixed "
                                f"set once (the AUCp protocol).")
         started = time.time()
-        paths, labels = data_loader.protocol_slices(training_dir, "aucp")
+        paths, labels = protocol_slices(networks, "aucp", training_dir)
         reference_networks = networks._replace(config=replace_config(c, image_dir=training_dir, save_maps=0))
         score_protocol(runtime, reference_networks, "aucp", paths, labels, started)
     if not runtime.is_main:  # rank 0 wrote it; it hands it to the others

@@ -15,6 +15,8 @@ import csv
 import json
 import os
 
+from errors import UserError
+
 # config key -> its default folder under --run_dir
 RUN_FOLDERS = {"log_dir": "logs", "model_save_dir": "models", "sample_dir": "samples", "result_dir": "results"}
 RECONSTRUCTIONS = ("refined", "coarse")
@@ -88,3 +90,13 @@ def write_csv(rows, path):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def refuse_existing_outputs(paths):
+    """Score mode never overwrites: any of `paths` (None skipped) that exists, from an earlier scoring run, stops
+    this one before anything is scored or written."""
+    existing = [path for path in paths if path is not None and os.path.exists(path)]
+    if existing:
+        raise UserError(f"{len(existing)} output(s) of this scoring run already exist, e.g. {existing[0]}; nothing "
+                        f"was written.\nFix: pass another --output CSV (the maps go to the folder named like it), "
+                        f"or move those files away.")

@@ -2,7 +2,6 @@
 see volume_scoring.py), with checkpoint ITER and flag the patients above a percentile of the known-healthy set's
 patient scores (a label-free threshold). Under torchrun the ranks share out the slices (scoring.py) and rank 0
 writes the CSV and the panels."""
-import os
 
 import numpy as np
 
@@ -11,17 +10,8 @@ import metrics
 import run_layout
 import scoring
 import volume_scoring
-from errors import UserError
 from networks import load_for_scoring, resolve_iteration
 from protocols import known_healthy_reference
-
-
-def refuse_existing(csv_path, maps_dir):
-    """Score mode never overwrites: an earlier run's CSV (or maps folder) stops this one before any scoring."""
-    for path in (csv_path, maps_dir):
-        if path is not None and os.path.exists(path):
-            raise UserError(f"{path} already exists (an earlier scoring run); nothing was written.\n"
-                            f"Fix: pass another --output CSV, or move {path} away.")
 
 
 def score_folder(runtime, config):
@@ -43,7 +33,7 @@ def score_folder(runtime, config):
                                                     threshold, c.output or out.folder_scores(tag),
                                                     f"checkpoint {iteration} ({networks.reconstruction})")
     output = c.output or out.folder_scores(tag)
-    refuse_existing(output, out.folder_maps(tag) if c.save_maps > 0 else None)
+    run_layout.refuse_existing_outputs([output, out.folder_maps(tag) if c.save_maps > 0 else None])
     panels = scoring.AnomalyPanels(paths, None, None, out.folder_maps(tag), c.save_maps, folder,
                                    networks.config.image_size)
     scores = scoring.score_slices(runtime, networks, paths, [panels] if c.save_maps > 0 else [])

@@ -1,6 +1,6 @@
 """Scoring, one path for every protocol and for score mode: each slice's healthy reconstruction (coarse
 x_c = tanh(x + G(x)), refined x_r = x_c + r_hat when a refiner is loaded), its anomaly map |x - x_r| / 2 and
-its slice score, the map's mean, in [0, 1].
+its slice score, the map's mean inside the head (--score_region, metrics.slice_scores), in [0, 1].
 
 scored_batches yields what scoring computes, batch by batch; score_slices collects the slice scores and hands
 each batch to consumers, such as pixel_metrics_consumer, HealthyMapScale and AnomalyPanels below. anomaly_maps
@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import data_loader
 import distributed
+import metrics
 import visualize
 from model import healthy_reconstruction
 
@@ -50,7 +51,14 @@ class ScoredBatch(NamedTuple):
     coarse: torch.Tensor
     refined: Optional[torch.Tensor]  # None when scoring with x_c alone
     anomaly_map: torch.Tensor  # |x - x_r| / 2, channels averaged: (batch, height, width)
-    scores: np.ndarray  # slice scores (float64), the anomaly map's mean
+    scores: np.ndarray  # slice scores (float64), the anomaly map's mean over --score_region
+
+
+def map_and_scores(x, reconstruction, region):
+    """(anomaly map |x - reconstruction| / 2 with channels averaged (N, H, W), slice scores (float64 (N,)) over
+    `region` (--score_region, metrics.slice_scores))."""
+    anomaly_map = (x - reconstruction).abs().mean(dim=1) / 2
+    return anomaly_map, metrics.slice_scores(x.mean(dim=1).float().cpu(), anomaly_map.float().cpu(), region)
 
 
 @torch.inference_mode()
@@ -60,10 +68,8 @@ def score_batch(runtime, networks, x, names, index):
     noises = () if networks.refiner is None else [slice_noise(names, x.shape[1:], c.seed + k)
                                                   for k in range(c.refiner_samples)]
     coarse, refined = reconstruct(runtime, c, x, networks.generator, networks.refiner, noises)
-    reconstruction = coarse if refined is None else refined
-    anomaly_map = (x - reconstruction).abs().mean(dim=1) / 2
-    return ScoredBatch(np.asarray(index), x, coarse, refined, anomaly_map,
-                       anomaly_map.mean(dim=(1, 2)).cpu().double().numpy())
+    anomaly_map, scores = map_and_scores(x, coarse if refined is None else refined, c.score_region)
+    return ScoredBatch(np.asarray(index), x, coarse, refined, anomaly_map, scores)
 
 
 @torch.inference_mode()
@@ -113,6 +119,22 @@ def score_slices(runtime, networks, paths, consumers=()):
     return scores
 
 
+class CoarseScores:
+    """Consumer: each slice's score with the coarse reconstruction x_c, beside the refined ones score_slices
+    returns (one pass scores both); `scores` holds all the slices' on every rank after merge_ranks."""
+
+    def __init__(self, n_slices, region):
+        self.scores, self.region, self.mine = np.zeros(n_slices), region, []
+
+    def __call__(self, batch):
+        self.scores[batch.index] = map_and_scores(batch.x, batch.coarse, self.region)[1]
+        self.mine.append(batch.index)
+
+    def merge_ranks(self):
+        mine = np.concatenate(self.mine) if self.mine else np.zeros(0, dtype=np.int64)
+        self.scores = distributed.gather_by_index(mine, self.scores[mine], len(self.scores))
+
+
 def pixel_metrics_consumer(pixel_metrics, paths, image_dir, image_size):
     """Adds each slice's anomaly map to pixel_metrics (metrics.PixelMetrics) where the slice has masks."""
     def consume(batch):
@@ -124,7 +146,6 @@ def pixel_metrics_consumer(pixel_metrics, paths, image_dir, image_size):
     return consume
 
 
-HEAD_LEVEL = -0.96  # input above this is head, not the black background (2% of the [-1, 1] range)
 MAP_SCALE_PERCENTILE = 99.0
 
 
@@ -141,7 +162,7 @@ class HealthyMapScale:
     def __call__(self, batch):
         rows = self.is_healthy[batch.index]
         if rows.any():
-            head = batch.x[rows].mean(dim=1) > HEAD_LEVEL
+            head = batch.x[rows].mean(dim=1) > metrics.HEAD_LEVEL
             values = batch.anomaly_map[rows][head].float().clamp(0, 1).cpu().numpy()
             self.histogram += np.histogram(values, bins=self.bins, range=(0, 1))[0]
 

@@ -173,16 +173,19 @@ def train(runtime, config):
         # Build with the checkpoint's architecture before anything else.
         g_path = model_path(c, resume_from, "G")
         g_saved = ckpt.load(g_path)
-        c = ckpt.reconciled_config(c, g_saved["config"], ARCHITECTURE_FLAGS, g_path)
+        c = ckpt.reconciled_config(c, g_saved["config"], ARCHITECTURE_FLAGS + ("healthy_holdout",), g_path)
     else:
         refuse_to_overwrite(c, "G", "resume it with --resume_iters latest")
     ranks = runtime.world_size
     data_loader.check_dataset(c.image_dir, c.batch_size * ranks)
     mixed = data_loader.training_stream(data_loader.mixed_set_paths(c.image_dir), c.image_size,
                                         c.batch_size, c.seed, c.preload, **runtime.stream_options())
-    healthy = data_loader.training_stream(data_loader.require_images(c.image_dir, data_loader.HEALTHY_FOLDER),
-                                          c.image_size, c.batch_size, c.seed + 1, c.preload,
-                                          **runtime.stream_options())
+    trained_on, held_out = data_loader.known_healthy_split(c.image_dir, c.healthy_holdout, c.seed)
+    distributed.main_print(f"Stage 1 holds {len({data_loader.patient_id(p) for p in held_out})} known-healthy "
+                           f"patients out of training (--healthy_holdout {c.healthy_holdout:g}): AUCp and the "
+                           f"refiner's check score them.")
+    healthy = data_loader.training_stream(trained_on, c.image_size, c.batch_size, c.seed + 1, c.preload,
+                                          **runtime.stream_options(), batch_flag="--batch_size or --healthy_holdout")
     if ranks > 1:
         distributed.main_print(f"Stage 1: {ranks} ranks x batch {c.batch_size} = global batch {ranks * c.batch_size} "
                                f"mixed + as many healthy slices.")

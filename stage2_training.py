@@ -13,6 +13,7 @@ from tqdm import tqdm
 import checkpoint as ckpt
 import data_loader
 import distributed
+import metrics
 import run_layout
 import scoring
 from checkpoint import replace_config
@@ -76,24 +77,27 @@ def refiner_step(runtime, generator, diffusion, optimizer, x, noise_generator):
 
 @torch.no_grad()
 def holdout_check(runtime, config, iteration, generator, refiner, paths):
-    """The label-free guard: on known-healthy slices the refiner never trained on, does x_r reconstruct x better
-    than x_c does? (mean |x - x_c|/2 against mean |x - x_r|/2, scored exactly as the protocols score; under
-    torchrun each rank scores its shard and the sums are added up, so every rank gets the check.)"""
+    """The label-free guard, on the known-healthy slices `paths` that neither stage trained on: does x_r
+    reconstruct them better than x_c (mean |x - x_c|/2 against mean |x - x_r|/2, scored as the protocols score),
+    and does the refined score separate them from the mixed set at least as well as the coarse one (AUCp)? A
+    refiner that learns what the GAN gets wrong on healthy brains passes both; one that also erases the part of the
+    GAN's residual that tracks disease lowers the error but loses AUCp. Every rank gets the check."""
     if not paths:
         return None
+    mixed = data_loader.mixed_set_paths(config.image_dir)
+    scored = paths + mixed
     networks = ScoringNetworks(iteration, generator, refiner, config, {})
-    coarse_error = refined_error = 0.0
-    for batch in scoring.scored_batches(runtime, networks, paths):
-        coarse_error += float(((batch.x - batch.coarse).abs().mean(dim=1) / 2).mean(dim=(1, 2)).sum())
-        refined_error += float(batch.scores.sum())
-    if runtime.world_size > 1:
-        parts = distributed.all_gather((coarse_error, refined_error))
-        coarse_error, refined_error = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    coarse_error, refined_error = coarse_error / len(paths), refined_error / len(paths)
+    coarse = scoring.CoarseScores(len(scored), config.score_region)
+    refined = scoring.score_slices(runtime, networks, scored, [coarse])  # one pass: x_c and x_r of every slice
+    pids, labels = [data_loader.patient_id(p) for p in scored], [0] * len(paths) + [1] * len(mixed)
+    aucp = {"coarse": metrics.patient_auc(pids, coarse.scores, labels),
+            "refined": metrics.patient_auc(pids, refined, labels)}
+    coarse_error, refined_error = float(coarse.scores[:len(paths)].mean()), float(refined[:len(paths)].mean())
     return {"held_out_slices": len(paths), "held_out_patients": len({data_loader.patient_id(p) for p in paths}),
             "coarse_error": coarse_error, "refined_error": refined_error,
-            "refiner_helps": refined_error < coarse_error, "ddim_steps": config.ddim_steps,
-            "refiner_samples": config.refiner_samples}
+            "aucp_coarse": aucp["coarse"], "aucp_refined": aucp["refined"],
+            "refiner_helps": refined_error < coarse_error and aucp["refined"] >= aucp["coarse"],
+            "ddim_steps": config.ddim_steps, "refiner_samples": config.refiner_samples}
 
 
 def report_holdout_check(check, config, iteration):
@@ -103,12 +107,19 @@ def report_holdout_check(check, config, iteration):
     change = 100 * (check["refined_error"] / check["coarse_error"] - 1)
     print(f"Refiner check on {check['held_out_slices']} held-out known-healthy slices ({check['held_out_patients']} "
           f"patients never trained on): mean |x - x_c|/2 = {check['coarse_error']:.5f}, mean |x - x_r|/2 = "
-          f"{check['refined_error']:.5f} ({change:+.1f}%).")
-    if not check["refiner_helps"]:
+          f"{check['refined_error']:.5f} ({change:+.1f}%); AUCp against the mixed set: coarse "
+          f"{check['aucp_coarse']:.4f}, refined {check['aucp_refined']:.4f}.")
+    if check["refined_error"] >= check["coarse_error"]:
         print("WARNING: the refiner does NOT lower the reconstruction error of healthy slices it has not seen, so it "
-              "would add error, not remove the GAN's artifacts.\n--refiner auto will score checkpoint "
-              f"{iteration} with the coarse reconstruction x_c (--refiner on forces the refiner).\n"
-              "Fix: train stage 2 longer (--refiner_iters) or wider (--refiner_dim), or check stage 1's samples.")
+              "would add error, not remove the GAN's artifacts.")
+    if check["aucp_refined"] < check["aucp_coarse"]:
+        print("WARNING: the refined score separates the held-out healthy patients from the mixed set LESS well than "
+              "the coarse one (AUCp), so the refiner would blur the disease signal: it also removes part of the "
+              "GAN's residual that tracks disease.")
+    if not check["refiner_helps"]:
+        print(f"--refiner auto will score checkpoint {iteration} with the coarse reconstruction x_c (--refiner on "
+              f"forces the refiner).\nFix: train stage 2 longer (--refiner_iters) or wider (--refiner_dim), or stage 1 "
+              f"longer (a GAN that heals more leaves the refiner only its artifacts to learn).")
     run_layout.write_json({"checkpoint": iteration, **check},
                           run_layout.refiner_check(config.result_dir, iteration))
 
@@ -152,7 +163,7 @@ def train_refiner(runtime, config):
     ranks = runtime.world_size
     data_loader.check_dataset(c.image_dir, c.refiner_batch_size * ranks, batch_flag="--refiner_batch_size")
     iteration = refine_from_iteration(runtime, c)
-    generator, c, _ = load_generator(runtime, c, iteration)
+    generator, c, trained_with = load_generator(runtime, c, iteration)
     r_path, state_path = model_path(c, iteration, "R"), model_path(c, iteration, "R-state")
     resume = c.resume_iters is not None and os.path.isfile(state_path)
     for path in (r_path, state_path):
@@ -161,11 +172,14 @@ def train_refiner(runtime, config):
                             f"Fix: continue it with --resume_iters latest, or delete {r_path} and {state_path}.")
     if resume:  # build the refiner the saved state was trained with (refiner flags need not be repeated)
         c = ckpt.reconciled_config(c, ckpt.load(state_path)["config"], REFINER_ARCHITECTURE_FLAGS, state_path)
-    # known-healthy patients held out of refiner training, for the label-free check at the end
-    trained_on, held_out = data_loader.hold_out_patients(
-        data_loader.require_images(c.image_dir, data_loader.HEALTHY_FOLDER), c.refiner_holdout, c.seed + 5)
+    # known-healthy patients held out of refiner training, for the label-free check at the end: the ones stage 1
+    # held out (seen by neither stage); for a stage 1 trained before --healthy_holdout existed (it held none out),
+    # this --healthy_holdout share, as the refiner alone held out before
+    fraction = trained_with.get("healthy_holdout", c.healthy_holdout)
+    trained_on, held_out = data_loader.known_healthy_split(c.image_dir, fraction, trained_with.get("seed", c.seed))
     healthy = data_loader.training_stream(trained_on, c.image_size, c.refiner_batch_size, c.seed + 3, c.preload,
-                                          **runtime.stream_options(), batch_flag="--refiner_batch_size")
+                                          **runtime.stream_options(),
+                                          batch_flag="--refiner_batch_size or --healthy_holdout")
     diffusion = build_refiner(runtime, c)
     diffusion.residual_scale.fill_(residual_std(runtime, generator, healthy))
     ema = EMA(diffusion, c.refiner_ema)

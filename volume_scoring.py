@@ -22,7 +22,7 @@ import prepare_data
 import visualize
 from data_loader import BORDER_PAD, is_image_file, preprocess, slice_filename, to_8bit
 from errors import UserError
-from run_layout import write_csv
+from run_layout import refuse_existing_outputs, write_csv
 
 MONTAGE_LEVELS = 6       # axial levels in the overlay picture
 OVERLAY_PERCENTILE = 95  # the overlay shows map values above this percentile of the scored brain voxels
@@ -114,8 +114,9 @@ def anomaly_image(prepared, volume):
     return image
 
 
-def score_volume(prepared, anomaly_maps, batch_size):
-    """(slice scores (N,), slice maps (N, S, S)) of a prepared volume; slice score = mean of its map."""
+def score_volume(prepared, anomaly_maps, batch_size, score_region="head"):
+    """(slice scores (N,), slice maps (N, S, S)) of a prepared volume; slice score = its map's mean over
+    score_region (metrics.slice_scores), as a slice PNG scores."""
     batch = slice_batch(prepared)
     pid = volume_pid(prepared.path)
     names = [slice_filename(pid, k) for k in prepared.indices]
@@ -127,7 +128,7 @@ def score_volume(prepared, anomaly_maps, batch_size):
     maps = np.concatenate(maps)
     if maps.shape != (len(batch),) + tuple(batch.shape[-2:]):
         raise ValueError(f"anomaly_maps returned shape {maps.shape} for a batch of shape {tuple(batch.shape)}")
-    return maps.mean(axis=(1, 2)).astype(np.float64), maps
+    return metrics.slice_scores(batch.mean(dim=1).numpy(), maps, score_region), maps
 
 
 def save_overlay(prepared, canonical, path, title):
@@ -145,16 +146,8 @@ def save_overlay(prepared, canonical, path, title):
                                    f"right on the left", threshold, aspect, label="anomaly |x - x_r| / 2")
 
 
-def refuse_existing(csv_path, volume_dir, pids):
-    existing = [p for p in [csv_path] + [q for pid in pids for q in output_paths(volume_dir, pid)] if os.path.exists(p)]
-    if existing:
-        raise UserError(f"{len(existing)} output(s) of this scoring run already exist, e.g. {existing[0]}; nothing was "
-                        f"written.\nFix: pass another --output CSV (the maps go to the folder named like it), or "
-                        f"move those files away.")
-
-
 def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_size=16, min_brain_fraction=0.3,
-                  slice_range=None):
+                  slice_range=None, score_region="head"):
     """Score NIfTI volumes; write each scan's anomaly NIfTI and overlay PNG into the folder named like csv_path
     without .csv. Returns (CSV rows pid, n_slices, score, flagged; [(skipped path, reason)]); the caller writes
     the rows to csv_path (refused up front, like the maps, when it exists)."""
@@ -166,7 +159,7 @@ def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_
             raise UserError(f"two volumes would share the patient id {pid}: {seen[pid]} and {path}.\n"
                             f"Fix: rename one of them, or score their folders separately.")
         seen[pid] = path
-    refuse_existing(csv_path, volume_dir, pids)
+    refuse_existing_outputs([csv_path] + [path for pid in pids for path in output_paths(volume_dir, pid)])
     rows, skipped = [], []
     for number, (path, pid) in enumerate(zip(volumes, pids), start=1):
         try:
@@ -177,7 +170,7 @@ def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_
             skipped.append((path, str(err).splitlines()[0]))
             print(f"warning: skipped {path}: {skipped[-1][1]}", file=sys.stderr)
             continue
-        slice_scores, maps = score_volume(prepared, anomaly_maps, batch_size)
+        slice_scores, maps = score_volume(prepared, anomaly_maps, batch_size, score_region)
         patient = metrics.aggregate_patients([pid] * len(slice_scores), slice_scores)
         score = float(patient["score"][0])
         canonical = canonical_map(prepared, maps)
@@ -201,7 +194,7 @@ def score_volumes_command(volumes, anomaly_maps, config, threshold, csv_path, mo
     """Score mode on NIfTI input: score, write the CSV (run_layout.write_csv), print a summary."""
     slice_range = prepare_data.parse_slices(config.slices) if config.slices else None
     rows, skipped = score_volumes(volumes, anomaly_maps, config.image_size, csv_path, threshold,
-                                  config.score_batch_size, config.min_brain_fraction, slice_range)
+                                  config.score_batch_size, config.min_brain_fraction, slice_range, config.score_region)
     write_csv(rows, csv_path)
     flagged = sum(row["flagged"] for row in rows)
     print(f"Scored {len(rows)} of {len(volumes)} volumes from {config.image_dir} with {model_name}.\n"

@@ -153,7 +153,7 @@ def test_two_ranks_train_the_refiner_like_one_process_with_twice_the_batch(one_a
     with open(f"{one}/results/2/refiner_check.json") as a, open(f"{two}/results/2/refiner_check.json") as b:
         ours, theirs = json.load(a), json.load(b)
     assert ours.keys() == theirs.keys() and ours["held_out_slices"] == theirs["held_out_slices"]
-    for key in ("coarse_error", "refined_error"):
+    for key in ("coarse_error", "refined_error", "aucp_coarse", "aucp_refined"):
         assert abs(ours[key] - theirs[key]) < 1e-5, key
 
 

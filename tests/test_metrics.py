@@ -4,7 +4,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from metrics import (PixelMetrics, aggregate_patients, aucp_to_auc, equal_error_threshold, evaluate,
-                     healthy_percentile_threshold, slice_auroc)
+                     healthy_percentile_threshold, slice_auroc, slice_scores)
 
 # Tiny protocol: healthy patients score 0.1, 0.3, 0.5; diseased ones 0.4, 0.9.
 LABELS = [0, 1, 0, 0, 1]
@@ -19,6 +19,23 @@ def test_patient_score_is_mean_of_slices_and_diseased_label_wins():
     np.testing.assert_allclose(out["score"], [0.2, 0.5, 0.9])
     assert out["n_slices"].tolist() == [3, 2, 1]
     assert out["label"].tolist() == [0, 1, 1]  # p2 seen healthy and diseased: diseased
+
+
+def test_slice_score_is_the_maps_mean_inside_the_head_and_ignores_the_background():
+    background = -1.0
+    images = np.array([[[0.2, background], [-0.5, background]],      # two head pixels
+                       [[background, background], [background, background]]])  # no head at all
+    maps = np.array([[[0.3, 0.9], [0.1, 0.7]],
+                     [[0.4, 0.4], [0.4, 0.4]]])
+    np.testing.assert_allclose(slice_scores(images, maps), [(0.3 + 0.1) / 2, 0.0])
+    # the same head in a field of view four times larger (more background, any map there) scores the same
+    wide_image = np.full((1, 4, 4), background)
+    wide_image[0, :2, :2] = images[0]
+    wide_map = np.full((1, 4, 4), 0.8)
+    wide_map[0, :2, :2] = maps[0]
+    np.testing.assert_allclose(slice_scores(wide_image, wide_map), [0.2])
+    with pytest.raises(ValueError, match="both be"):
+        slice_scores(images, maps[:, :1])
 
 
 def test_aggregate_without_labels_has_no_label_key():

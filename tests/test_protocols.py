@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from conftest import TINY_FLAGS, SLICES_PER_PATIENT
-from data_loader import patient_id, protocol_slices
+from data_loader import known_healthy_split, patient_id, protocol_slices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,8 +62,9 @@ def test_shell_scripts_train_and_run_the_three_protocols(toy_dataset, tmp_path):
     assert {"3-G.ckpt", "3-D.ckpt", "3-state.ckpt", "6-G.ckpt", "6-D.ckpt", "config.json"} <= set(os.listdir(models))
     assert os.path.isfile(os.path.join(work, "runs/Toy/samples/6-images.png"))
 
+    # AUCp: the known-healthy patient stage 1 held out (--healthy_holdout 0.2 of 6) against the 8 mixed-set ones
     expected = {"inductive": (3 + 3, "tpos", "tneg"), "transductive": (4 + 4, "mpos", "mneg"),
-                "aucp": (6 + 8, "m", "hea")}
+                "aucp": (1 + 8, "m", "hea")}
     for protocol, (n_patients, positive_prefix, negative_prefix) in expected.items():
         # Only the iteration: image size and widths come from the checkpoint's saved config.
         result = run(["bash", f"{REPO}/test_{protocol}.sh", "Toy", "6", "--num_workers", "0"], work)
@@ -86,12 +87,27 @@ def test_shell_scripts_train_and_run_the_three_protocols(toy_dataset, tmp_path):
         for plot in (f"{protocol}_roc.png", f"{protocol}_scores.png"):
             assert os.path.getsize(os.path.join(out, plot)) > 1000
 
+    held_out = {patient_id(p) for p in known_healthy_split(os.path.join(work, "data/Toy"), 0.2, 0)[1]}
+    aucp_rows = read_csv(os.path.join(work, "runs/Toy/results/6/coarse/aucp.csv"))
+    assert {row["pid"] for row in aucp_rows if row["label"] == "0"} == held_out
+
     selection = run(["bash", f"{REPO}/test_aucp.sh", "Toy", "all", "--num_workers", "0"], work)
     assert selection.returncode == 0, selection.stderr[-2000:]
     table = json.load(open(os.path.join(work, "runs/Toy/results/aucp_selection.json")))
     assert [row["iteration"] for row in table["table"]] == [3, 6]
     best = max(table["table"], key=lambda row: row["auc"])["iteration"]
     assert table["best_iteration"] == best and f"Best checkpoint by AUCp" in selection.stdout
+
+
+def test_a_run_trained_without_a_holdout_scores_aucp_over_all_known_healthy_patients(toy_dataset, tmp_path):
+    work = str(tmp_path)
+    train = run(["bash", f"{REPO}/train.sh", "Toy", *TINY_FLAGS, "--num_iters", "2", "--model_save_step", "2",
+                 "--sample_step", "2", "--refiner_iters", "0", "--healthy_holdout", "0"], work)
+    assert train.returncode == 0, train.stderr[-2000:]
+    result = run(["bash", f"{REPO}/test_aucp.sh", "Toy", "2", "--num_workers", "0"], work)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.load(open(os.path.join(work, "runs/Toy/results/2/coarse/aucp.json")))
+    assert summary["n_patients"] == 6 + 8 and summary["known_healthy"] == "all of train/neg"
 
 
 def test_an_auc_estimate_outside_0_1_is_flagged_not_printed_as_a_figure(capsys):

@@ -20,8 +20,16 @@ def test_two_stages_refined_and_coarse_scoring_maps_and_new_scans(toy_dataset, t
     assert os.path.isfile(f"{models}/{best}-R.ckpt") and os.path.isfile(f"{models}/{best}-R-state.ckpt")
     assert f"runs/Toy/models/{best}-R.ckpt refines runs/Toy/models/{best}-G.ckpt" in train.stdout
 
-    # auto: the refiner checkpoint exists for `best`, so it is used; twice with the same seed, same scores.
-    test = ["bash", f"{REPO}/test_inductive.sh", "Toy", str(best), "--num_workers", "0", "--ddim_steps", "2"]
+    # auto follows stage 2's held-out check: the refiner when it passed, else x_c with a warning.
+    check = json.load(open(f"{work}/runs/Toy/results/{best}/refiner_check.json"))
+    auto = run(["bash", f"{REPO}/test_inductive.sh", "Toy", str(best), "--num_workers", "0", "--ddim_steps", "2"], work)
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    assert ("failed its held-out check" in auto.stdout) != check["refiner_helps"]
+    assert f"({'refined' if check['refiner_helps'] else 'coarse'} reconstruction)" in auto.stdout
+
+    # on: the refiner, whatever its check said; twice with the same seed, same scores.
+    test = ["bash", f"{REPO}/test_inductive.sh", "Toy", str(best), "--num_workers", "0", "--ddim_steps", "2",
+            "--refiner", "on"]
     first = run([*test, "--save_maps", "1"], work)
     assert first.returncode == 0, first.stderr[-3000:]
     refined_dir = f"{work}/runs/Toy/results/{best}/refined"
@@ -34,7 +42,7 @@ def test_two_stages_refined_and_coarse_scoring_maps_and_new_scans(toy_dataset, t
     assert len(maps) == 2 and maps[0].startswith("diseased_") and maps[1].startswith("healthy_")
 
     # off: the ablation scores the same checkpoint with x_c alone, in its own folder.
-    off = run([*test, "--refiner", "off"], work)
+    off = run([*test[:-2], "--refiner", "off"], work)
     assert off.returncode == 0, off.stderr[-3000:]
     coarse = json.load(open(f"{work}/runs/Toy/results/{best}/coarse/inductive.json"))
     assert coarse["reconstruction"] == "coarse" and coarse["n_patients"] == summary["n_patients"]
@@ -58,5 +66,5 @@ def test_two_stages_refined_and_coarse_scoring_maps_and_new_scans(toy_dataset, t
     assert [r["flagged"] for r in rows] == [str(int(float(r["score"]) > threshold)) for r in rows]
     again = run(["bash", f"{REPO}/score.sh", "Toy", str(best), "data/Toy/test/pos", "--num_workers", "0",
                  "--ddim_steps", "2", "--output", "new_scores.csv"], work)
-    assert again.returncode == 2 and "new_scores.csv already exists" in again.stderr and "--output" in again.stderr
+    assert again.returncode == 2 and "new_scores.csv" in again.stderr and "already exist" in again.stderr and "--output" in again.stderr
     assert read_csv(f"{work}/new_scores.csv") == rows

@@ -1,4 +1,5 @@
-"""Stage 2's checkpoint pair: save_stage2 then restore_stage2 gives back the exact training state."""
+"""Stage 2's checkpoint pair (save_stage2 then restore_stage2 gives back the exact training state) and its
+label-free held-out check."""
 import os
 
 import torch
@@ -9,7 +10,7 @@ from ema import EMA
 from main import parse_config
 from networks import build_refiner, model_path
 from solver import Runtime
-from stage2_training import refiner_step, restore_stage2, save_stage2, unfinished_refiners
+from stage2_training import holdout_check, refiner_step, restore_stage2, save_stage2, unfinished_refiners
 
 
 def stage2_state(config, runtime, seed):
@@ -56,3 +57,32 @@ def test_stage2_checkpoint_round_trip_restores_weights_ema_optimiser_stream_and_
     assert scoring_checkpoint["refines"] == 40 and scoring_checkpoint["refiner_iteration"] == 7
     for name, value in ema.model.state_dict().items():
         assert torch.equal(scoring_checkpoint["state_dict"][name], value), name
+
+
+class FixedResidual:
+    """A refiner stand-in whose residual is a fixed function of x_c."""
+
+    def __init__(self, residual_of):
+        self.residual_of = residual_of
+
+    def sample_residual(self, coarse, steps, noise=None):
+        return self.residual_of(coarse)
+
+
+def test_the_held_out_check_fails_a_refiner_that_erases_the_disease_with_the_gans_residual(toy_dataset, tmp_path):
+    config = parse_config(["--image_dir", toy_dataset, "--run_dir", str(tmp_path / "run"), *TINY_FLAGS])
+    runtime = Runtime(config)
+    generator = lambda x: torch.zeros_like(x)  # noqa: E731  x_c = tanh(x): a residual that tracks the toy disease
+    held_out = data_loader.known_healthy_split(toy_dataset, 0.5, config.seed)[1]
+    # Undoing tanh exactly takes every slice's error, healthy or diseased, to zero: the held-out healthy error
+    # falls, and the separation from the mixed set goes with it, so the refiner must not be used.
+    undo_tanh = FixedResidual(lambda coarse: torch.atanh(coarse) - coarse)
+    check = holdout_check(runtime, config, 0, generator, undo_tanh, held_out)
+    assert check["held_out_patients"] == 3 and check["refined_error"] < 0.01 * check["coarse_error"]
+    assert check["aucp_coarse"] > 0.7 and check["aucp_refined"] < check["aucp_coarse"]  # mixed set: half healthy
+    assert not check["refiner_helps"]
+    # Removing half of it from every slice lowers the error and keeps the patients' order: it passes.
+    half = FixedResidual(lambda coarse: (torch.atanh(coarse) - coarse) / 2)
+    check = holdout_check(runtime, config, 0, generator, half, held_out)
+    assert check["refined_error"] < 0.6 * check["coarse_error"]
+    assert check["aucp_refined"] == check["aucp_coarse"] and check["refiner_helps"]
