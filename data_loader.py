@@ -268,6 +268,13 @@ def known_healthy_split(root, fraction, seed):
     return hold_out_patients(require_images(root, HEALTHY_FOLDER), fraction, seed + 5)
 
 
+def stage1_known_healthy_split(root, training_config, unset_fraction=0.0):
+    """known_healthy_split of the stage-1 run trained with training_config (its saved --healthy_holdout and seed);
+    unset_fraction for a run from before --healthy_holdout existed, which held none out of stage 1."""
+    return known_healthy_split(root, training_config.get("healthy_holdout", unset_fraction),
+                               training_config.get("seed", 0))
+
+
 def training_stream(paths, image_size, batch_size, seed, preload="auto", num_workers=0, pin_memory=False,
                     batch_flag="--batch_size", rank=0, world_size=1, preload_device=None):
     """An endless batch stream over `paths` (this rank's shard): the mixed set M and the healthy set H each get

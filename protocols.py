@@ -67,9 +67,7 @@ def held_out_known_healthy(training_config, image_dir):
     trained_dir = training_config.get("image_dir", image_dir)
     if os.path.realpath(trained_dir) != os.path.realpath(image_dir):
         return None
-    fraction = training_config.get("healthy_holdout", 0.0)
-    held_out = data_loader.known_healthy_split(image_dir, fraction, training_config.get("seed", 0))[1]
-    return held_out or None
+    return data_loader.stage1_known_healthy_split(image_dir, training_config)[1] or None
 
 
 def protocol_slices(networks, name, image_dir):

@@ -175,8 +175,7 @@ def train_refiner(runtime, config):
     # known-healthy patients held out of refiner training, for the label-free check at the end: the ones stage 1
     # held out (seen by neither stage); for a stage 1 trained before --healthy_holdout existed (it held none out),
     # this --healthy_holdout share, as the refiner alone held out before
-    fraction = trained_with.get("healthy_holdout", c.healthy_holdout)
-    trained_on, held_out = data_loader.known_healthy_split(c.image_dir, fraction, trained_with.get("seed", c.seed))
+    trained_on, held_out = data_loader.stage1_known_healthy_split(c.image_dir, trained_with, c.healthy_holdout)
     healthy = data_loader.training_stream(trained_on, c.image_size, c.refiner_batch_size, c.seed + 3, c.preload,
                                           **runtime.stream_options(),
                                           batch_flag="--refiner_batch_size or --healthy_holdout")
