@@ -335,7 +335,7 @@ def has_masks(root):
     return os.path.isdir(os.path.join(root, "masks"))
 
 
-def check_dataset(root, batch_size, full=False, batch_flag="--batch_size"):
+def check_dataset(root, batch_size, full=False, batch_flag="--batch_size", mixed_in_batches=True):
     """Validate the layout before any work starts; every problem found is reported in one UserError.
 
     Required: train/pos, train/neg_mixed, train/neg with images (the test folders are optional).
@@ -343,6 +343,7 @@ def check_dataset(root, batch_size, full=False, batch_flag="--batch_size"):
     in two folders. Reported only: non-image files (skipped), mixed image sizes (all are resized anyway).
     full=True decodes every image (check_data mode); otherwise only the headers are read.
     batch_flag names the flag that set batch_size (stage 2 batches with --refiner_batch_size).
+    mixed_in_batches=False: only train/neg is drawn in batches (stage 2), so only its size is checked.
     """
     if not os.path.isdir(root):
         raise UserError(f"missing data folder {root}.\nFix: pass --image_dir (train.sh NAME reads data/NAME); "
@@ -371,7 +372,7 @@ def check_dataset(root, batch_size, full=False, batch_flag="--batch_size"):
             problems.append(f"only {count} slices in {os.path.join(root, folder)} for a batch of {batch_size}: "
                             f"add slices or lower {batch_flag}.")
     mixed_count = sum(count for folder, count, _ in summary if folder in MIXED_FOLDERS)
-    if 0 < mixed_count < batch_size:
+    if mixed_in_batches and 0 < mixed_count < batch_size:
         problems.append(f"only {mixed_count} slices in the mixed set ({root}/train/pos + train/neg_mixed) for a "
                         f"batch of {batch_size}: add slices or lower {batch_flag}.")
     shared = {pid: sorted(f) for pid, f in folders_of_patient.items() if len(f) > 1}

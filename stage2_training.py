@@ -150,6 +150,10 @@ def restore_stage2(config, iteration, diffusion, ema, optimizer, stream, noise_g
     noise_generator.set_state(state["noise_generator"])
     stream.load_state_dict(state["stream"])
     start = state["refiner_iteration"]
+    if isinstance(config.resume_iters, int) and config.resume_iters != start:
+        # train.sh hands stage 1's --resume_iters N to stage 2 too; the refiner keeps only its latest state
+        distributed.main_print(f"(--resume_iters {config.resume_iters} names a stage-1 checkpoint; stage 2 keeps "
+                               f"only its latest state and continues that.)")
     distributed.main_print(f"Resumed stage 2 of checkpoint {iteration} from refiner iteration {start}.")
     return start
 
@@ -161,7 +165,8 @@ def train_refiner(runtime, config):
         distributed.main_print("Stage 2 skipped (--refiner_iters 0): scoring uses the coarse reconstruction.")
         return
     ranks = runtime.world_size
-    data_loader.check_dataset(c.image_dir, c.refiner_batch_size * ranks, batch_flag="--refiner_batch_size")
+    data_loader.check_dataset(c.image_dir, c.refiner_batch_size * ranks, batch_flag="--refiner_batch_size",
+                              mixed_in_batches=False)  # the refiner trains on known-healthy slices alone
     iteration = refine_from_iteration(runtime, c)
     generator, c, trained_with = load_generator(runtime, c, iteration)
     r_path, state_path = model_path(c, iteration, "R"), model_path(c, iteration, "R-state")

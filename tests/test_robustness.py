@@ -6,8 +6,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
+import data_loader
 import main
 from conftest import TINY_FLAGS
 from errors import UserError, run_cli
@@ -67,6 +69,16 @@ def test_too_small_batch_names_the_flag_of_the_stage_that_batches(toy_dataset, t
     assert main.main(train_args(toy_dataset, run_dir, "--batch_size", "32")) == 2
     assert "for a batch of 32: add slices or lower --batch_size." in capsys.readouterr().err
     assert not os.path.exists(run_dir)
+
+
+def test_stage2_checks_only_the_set_it_batches(toy_dataset):
+    # Stage 2 draws batches from train/neg alone: a mixed set smaller than its batch is no reason to refuse.
+    for folder, keep in (("train/pos", 2), ("train/neg_mixed", 1)):  # 3 mixed slices left
+        for name in sorted(os.listdir(os.path.join(toy_dataset, folder)))[keep:]:
+            os.remove(os.path.join(toy_dataset, folder, name))
+    data_loader.check_dataset(toy_dataset, 4, batch_flag="--refiner_batch_size", mixed_in_batches=False)
+    with pytest.raises(UserError, match="only 3 slices in the mixed set .* lower --batch_size"):
+        data_loader.check_dataset(toy_dataset, 4)
 
 
 def test_missing_resume_checkpoint_names_resume_iters(toy_dataset, tmp_path, capsys):
@@ -195,11 +207,13 @@ def test_interrupted_stage2_leaves_no_scoring_refiner_and_resumes_with_its_own_a
     assert not os.path.exists(f"{models}/{picked}-R.ckpt")  # nothing a protocol would score as "the refiner"
     capsys.readouterr()
 
-    # The requeued job repeats the plain command: the default --refiner_dim 64 does not apply to the saved state.
-    assert main.main([*stage2, "--resume_iters", "latest"]) == 0
+    # The requeued job repeats the plain command (train.sh hands stage 1's --resume_iters N to stage 2 as well):
+    # the latest state continues, and the default --refiner_dim 64 does not apply to it.
+    assert main.main([*stage2, "--resume_iters", "1"]) == 0
     out = capsys.readouterr().out
     assert f"Continuing the unfinished refiner of checkpoint {picked} (no new AUCp sweep)." in out
     assert "Resumed stage 2 of checkpoint" in out and "from refiner iteration 2" in out
+    assert "(--resume_iters 1 names a stage-1 checkpoint; stage 2 keeps only its latest state" in out
     final = torch.load(f"{models}/{picked}-R.ckpt", weights_only=True)
     assert final["refiner_iteration"] == 4 and final["config"]["refiner_dim"] == 8
     assert final["holdout_check"] is not None
