@@ -168,7 +168,7 @@ class EndlessBatches:
     """
 
     def __init__(self, paths, image_size, batch_size, seed, preload, num_workers=0, pin_memory=False,
-                 batch_flag="--batch_size", rank=0, world_size=1, preload_device=None):
+                 batch_flag="--batch_size", rank=0, world_size=1, preload_device=None, max_shift=0):
         if len(paths) < batch_size * world_size:
             raise UserError(f"only {len(paths)} training slices in {os.path.dirname(paths[0])} for a batch of "
                             f"{batch_size}" + (f" on each of {world_size} ranks" if world_size > 1 else "") +
@@ -176,7 +176,8 @@ class EndlessBatches:
         self.paths = list(paths)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)  # flips
+        self.generator = torch.Generator().manual_seed(seed)  # flips and shifts
+        self.max_shift = max_shift
         self.epoch, self.position = 0, 0  # slices of this epoch's order taken by all ranks together
         self.images = None
         if preload:
@@ -224,7 +225,11 @@ class EndlessBatches:
         self.position += global_batch
         first = self.rank * self.batch_size
         flip = torch.rand(global_batch, generator=self.generator)[first:first + self.batch_size] < 0.5
-        return torch.where(flip.to(batch.device)[:, None, None, None], batch.flip(-1), batch)
+        batch = torch.where(flip.to(batch.device)[:, None, None, None], batch.flip(-1), batch)
+        if self.max_shift > 0:  # drawn after the flips, so a run without shifts keeps its random numbers
+            shifts = torch.randint(-self.max_shift, self.max_shift + 1, (global_batch, 2), generator=self.generator)
+            batch = shifted(batch, shifts[first:first + self.batch_size].tolist(), self.max_shift)
+        return batch
 
     def state_dict(self):
         # the seed too: it fixes every epoch's order, so the state alone says which slice comes next
@@ -239,6 +244,15 @@ class EndlessBatches:
         self.seed = int(state.get("seed", self.seed))
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._batches = None  # the next batch is read from the restored position
+
+
+def shifted(batch, shifts, max_shift):
+    """Each image of the batch moved by its (rows, columns) in shifts; what comes in at the border is background
+    (-1), so a brain moved within its field of view stays a whole brain on an empty background."""
+    padded = F.pad(batch, (max_shift,) * 4, value=-1.0)
+    size_y, size_x = batch.shape[-2:]
+    return torch.stack([padded[i, :, max_shift - dy:max_shift - dy + size_y, max_shift - dx:max_shift - dx + size_x]
+                        for i, (dy, dx) in enumerate(shifts)])
 
 
 def should_preload(n_slices, image_size, choice, budget_bytes=3 * 2**30):
@@ -276,13 +290,14 @@ def stage1_known_healthy_split(root, training_config, unset_fraction=0.0):
 
 
 def training_stream(paths, image_size, batch_size, seed, preload="auto", num_workers=0, pin_memory=False,
-                    batch_flag="--batch_size", rank=0, world_size=1, preload_device=None):
+                    batch_flag="--batch_size", rank=0, world_size=1, preload_device=None, max_shift=0):
     """An endless batch stream over `paths` (this rank's shard): the mixed set M and the healthy set H each get
     their own. batch_flag names the flag that set batch_size (stage 2: --refiner_batch_size).
-    preload_device: hold the preloaded slices there (e.g. the GPU) instead of in host memory."""
+    preload_device: hold the preloaded slices there (e.g. the GPU) instead of in host memory.
+    max_shift: move each slice by up to this many pixels in each direction (augmentation; 0: flips only)."""
     use_memory = should_preload(len(paths), image_size, preload)
     return EndlessBatches(paths, image_size, batch_size, seed, use_memory, num_workers, pin_memory, batch_flag,
-                          rank, world_size, preload_device)
+                          rank, world_size, preload_device, max_shift)
 
 
 def protocol_slices(root, protocol, known_healthy=None):

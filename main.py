@@ -83,6 +83,9 @@ def build_parser():
                    help="decay of the exponential moving average of G's weights that checkpoints hold and scoring and "
                         "the AUCp selection use (0: off, the raw G as in the reference)")
     t.add_argument("--seed", type=int, default=0, help="random seed (a CPU run is repeatable)")
+    t.add_argument("--augment_shift", type=float, default=0.0,
+                   help="move each training slice by up to this fraction of the image size in each direction, as "
+                        "well as the random flip (0: flips only, as in the reference)")
     t.add_argument("--healthy_holdout", "--refiner_holdout", type=float, default=0.2,
                    help="share of the known-healthy patients (train/neg) held out of both stages' training: AUCp "
                         "scores them, healthy brains the GAN has not memorised, against the mixed set, and stage 2 "

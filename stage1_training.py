@@ -178,14 +178,17 @@ def train(runtime, config):
         refuse_to_overwrite(c, "G", "resume it with --resume_iters latest")
     ranks = runtime.world_size
     data_loader.check_dataset(c.image_dir, c.batch_size * ranks)
+    max_shift = round(c.augment_shift * c.image_size)
     mixed = data_loader.training_stream(data_loader.mixed_set_paths(c.image_dir), c.image_size,
-                                        c.batch_size, c.seed, c.preload, **runtime.stream_options())
+                                        c.batch_size, c.seed, c.preload, **runtime.stream_options(),
+                                        max_shift=max_shift)
     trained_on, held_out = data_loader.known_healthy_split(c.image_dir, c.healthy_holdout, c.seed)
     distributed.main_print(f"Stage 1 holds {len({data_loader.patient_id(p) for p in held_out})} known-healthy "
                            f"patients out of training (--healthy_holdout {c.healthy_holdout:g}): AUCp and the "
                            f"refiner's check score them.")
     healthy = data_loader.training_stream(trained_on, c.image_size, c.batch_size, c.seed + 1, c.preload,
-                                          **runtime.stream_options(), batch_flag="--batch_size or --healthy_holdout")
+                                          **runtime.stream_options(), batch_flag="--batch_size or --healthy_holdout",
+                                          max_shift=max_shift)
     if ranks > 1:
         distributed.main_print(f"Stage 1: {ranks} ranks x batch {c.batch_size} = global batch {ranks * c.batch_size} "
                                f"mixed + as many healthy slices.")

@@ -75,3 +75,19 @@ def test_refiner_samples_average_seeded_samples():
     noises = [torch.full_like(x, 1.0), torch.full_like(x, 3.0)]
     coarse, refined = scoring.reconstruct(runtime, config, x, lambda v: torch.zeros_like(v), Refiner(), noises)
     assert torch.allclose(refined, coarse + 0.2)  # mean of 0.1 and 0.3
+
+
+def test_shift_augmentation_moves_each_slice_on_background(toy_dataset):
+    images = torch.full((2, 1, 8, 8), -1.0)
+    images[0, 0, 3, 4], images[1, 0, 5, 5] = 1.0, 0.5
+    moved = data_loader.shifted(images, [(2, -1), (-3, 2)], 3)
+    assert (moved[0, 0] == 1.0).nonzero().tolist() == [[5, 3]]  # 2 rows down, 1 column left
+    assert (moved[1, 0] == 0.5).nonzero().tolist() == [[2, 7]]
+    assert moved.sum().item() == images.sum().item()  # all else is background (-1), nothing wrapped round
+    # the training stream applies it: same slices and flips, moved
+    paths = data_loader.require_images(toy_dataset, "train/neg")
+    plain = data_loader.training_stream(paths, 16, 4, 7, "on")
+    shifting = data_loader.training_stream(paths, 16, 4, 7, "on", max_shift=2)
+    for _ in range(3):
+        a, b = next(plain), next(shifting)
+        assert not torch.equal(a, b) and torch.allclose(a.mean(), b.mean(), atol=0.05)
