@@ -4,7 +4,7 @@
 #   CSF-fraction baseline -> train stage 1 -> pick the checkpoint by AUCp (no labels) -> train stage 2 on it ->
 #   run the AUCp, inductive and transductive protocols with the refiner on and off -> print the table.
 # Usage: bash demo.sh [--full] [--data NAME] [extra main.py flags]
-#   --full       the longer CPU recipe, about 38 min on 2 cores (README, "Results"); with a GPU the GPU recipe runs
+#   --full       the longer CPU recipe, about 35 min on 2 cores (README, "Results"); with a GPU the GPU recipe runs
 #                either way, into runs/Demo-full
 #   --data NAME  the same recipe on your own slices in data/NAME (no cohort is built); outputs runs/NAME-demo
 # With a CUDA GPU the GPU recipe runs (real widths, 128 px); without one the CPU recipe (README says what each
@@ -32,19 +32,20 @@ run="runs/$name${suffix}"
 if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   # GPU recipe: reference widths at 128 px; its figures are not measured yet (README, "Results").
   stage1=(--image_size 128 --g_conv_dim 64 --d_conv_dim 64 --g_repeat_num 6 --d_repeat_num 6 --batch_size 16
-          --g_lr 2e-4 --d_lr 2e-4 --lambda_id 10 --g_ema 0.999 --num_iters 4000 --model_save_step 500 --sample_step 500)
+          --g_lr 2e-4 --d_lr 2e-4 --lambda_id 10 --g_ema 0.999 --augment_shift 0.06
+          --num_iters 4000 --model_save_step 500 --sample_step 500)
   stage2=(--refiner_dim 64 --refiner_dim_mults 1,2,4,8 --refiner_attn_levels 2 --refiner_batch_size 16
           --refiner_iters 1500 --ddim_steps 10)
   loader=(--num_workers 4)
 else
   # CPU recipe (2 cores): README, "The CPU demo recipe", says what each choice costs and buys.
   stage1=(--image_size 64 --g_conv_dim 32 --d_conv_dim 32 --g_repeat_num 3 --d_repeat_num 4 --batch_size 8
-          --g_lr 2e-4 --d_lr 2e-4 --lambda_id 10 --g_ema 0.99)
+          --g_lr 2e-4 --d_lr 2e-4 --lambda_id 10 --g_ema 0.99 --augment_shift 0.06)
   stage2=(--refiner_dim 16 --refiner_dim_mults 1,2,4 --refiner_attn_levels 1 --refiner_heads 4
           --refiner_batch_size 8 --ddim_steps 1)
   loader=(--num_workers 0)
   if $full; then
-    stage1+=(--num_iters 4000 --model_save_step 500 --sample_step 500)
+    stage1+=(--num_iters 3200 --model_save_step 400 --sample_step 400)
     stage2+=(--refiner_iters 1500)
   else
     stage1+=(--num_iters 800 --model_save_step 200 --sample_step 200)
