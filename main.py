@@ -30,6 +30,18 @@ def int_list(value):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {value!r}")
 
 
+def shift_fraction(value):
+    """--augment_shift: a share of the image size in [0, 0.5); a larger shift could move the brain out of view."""
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = None
+    if fraction is None or not 0 <= fraction < 0.5:
+        raise argparse.ArgumentTypeError(f"expected a fraction of the image size in [0, 0.5) such as 0.06, "
+                                         f"got {value!r}")
+    return fraction
+
+
 def iteration_or_keyword(*keywords):
     def parse(value):
         if value in keywords:
@@ -83,7 +95,7 @@ def build_parser():
                    help="decay of the exponential moving average of G's weights that checkpoints hold and scoring and "
                         "the AUCp selection use (0: off, the raw G as in the reference)")
     t.add_argument("--seed", type=int, default=0, help="random seed (a CPU run is repeatable)")
-    t.add_argument("--augment_shift", type=float, default=0.0,
+    t.add_argument("--augment_shift", type=shift_fraction, default=0.0,
                    help="move each training slice by up to this fraction of the image size in each direction, as "
                         "well as the random flip (0: flips only, as in the reference)")
     t.add_argument("--healthy_holdout", "--refiner_holdout", type=float, default=0.2,

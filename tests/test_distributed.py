@@ -44,20 +44,23 @@ def test_two_rank_shards_together_are_the_one_process_batch(healthy_paths, prelo
         assert torch.equal(torch.cat([next(s) for s in ranks]), expected), f"step {step}"
 
 
-@pytest.mark.parametrize("preload,num_workers", [("on", 0), ("off", 0), ("off", 1)])
-def test_stream_resumes_mid_epoch_exactly_also_with_another_rank_count(healthy_paths, preload, num_workers):
-    one = data_loader.training_stream(healthy_paths, 16, 4, 5, preload, num_workers)
+@pytest.mark.parametrize("preload,num_workers,max_shift", [("on", 0, 0), ("off", 0, 0), ("off", 1, 0), ("on", 0, 2)])
+def test_stream_resumes_mid_epoch_exactly_also_with_another_rank_count(healthy_paths, preload, num_workers,
+                                                                       max_shift):
+    def stream(batch_size, **ranks):
+        return data_loader.training_stream(healthy_paths, 16, batch_size, 5, preload, num_workers,
+                                           max_shift=max_shift, **ranks)
+    one = stream(4)
     first = take(one, 3)
     state = one.state_dict()
     rest = take(one, 4)
-    again = data_loader.training_stream(healthy_paths, 16, 4, 5, preload, num_workers)
+    again = stream(4)
     assert torch.equal(torch.cat(take(again, 3)), torch.cat(first))
-    resumed = data_loader.training_stream(healthy_paths, 16, 4, 5, preload, num_workers)
+    resumed = stream(4)
     resumed.load_state_dict(state)
     assert torch.equal(torch.cat(take(resumed, 4)), torch.cat(rest))
-    # A run of 1 process x batch 4 resumed by 2 ranks x batch 2 reads the same slices.
-    halves = [data_loader.training_stream(healthy_paths, 16, 2, 5, preload, num_workers, rank=r, world_size=2)
-              for r in range(2)]
+    # A run of 1 process x batch 4 resumed by 2 ranks x batch 2 reads the same slices (flipped and shifted alike).
+    halves = [stream(2, rank=r, world_size=2) for r in range(2)]
     for half in halves:
         half.load_state_dict(state)
     assert torch.equal(torch.cat([torch.cat([next(h) for h in halves]) for _ in range(4)]), torch.cat(rest))

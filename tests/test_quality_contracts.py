@@ -4,6 +4,7 @@ check holds whole patients out, the panels' colour scale is a percentile of the 
 import types
 
 import numpy as np
+import pytest
 import torch
 
 import data_loader
@@ -91,3 +92,6 @@ def test_shift_augmentation_moves_each_slice_on_background(toy_dataset):
     for _ in range(3):
         a, b = next(plain), next(shifting)
         assert not torch.equal(a, b) and torch.allclose(a.mean(), b.mean(), atol=0.05)
+    for bad in ("-0.1", "0.5", "x"):  # a brain moved by half the field of view or more would leave it
+        with pytest.raises(SystemExit):
+            main.parse_config(["--augment_shift", bad])
