@@ -4,7 +4,7 @@
 #   CSF-fraction baseline -> train stage 1 -> pick the checkpoint by AUCp (no labels) -> train stage 2 on it ->
 #   run the AUCp, inductive and transductive protocols with the refiner on and off -> print the table.
 # Usage: bash demo.sh [--full] [--data NAME] [extra main.py flags]
-#   --full       the longer CPU recipe, about 35 min on 2 cores (README, "Results"); with a GPU the GPU recipe runs
+#   --full       the longer CPU recipe, about 39 min on 2 cores (README, "Results"); with a GPU the GPU recipe runs
 #                either way, into runs/Demo-full
 #   --data NAME  the same recipe on your own slices in data/NAME (no cohort is built); outputs runs/NAME-demo
 # With a CUDA GPU the GPU recipe runs (real widths, 128 px); without one the CPU recipe (README says what each
