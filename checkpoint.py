@@ -41,7 +41,7 @@ def load(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # a torn or foreign file: say which one
         raise UserError(f"cannot load checkpoint {path} ({type(err).__name__}: {err}).\n"
-                        f"Fix: delete it and use an earlier iteration.") from err
+                        f"Fix: delete it and use an older iteration.") from err
 
 
 def saved_iterations(model_dir, *parts):

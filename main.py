@@ -73,7 +73,6 @@ def build_parser():
     m.add_argument("--lambda_id", type=float, default=1.0, help="weight of the identity L1 loss on healthy slices")
 
     t = p.add_argument_group("training (stage 1)")
-    t.add_argument("--dataset", type=str, default="MedicalData", help="dataset name (kept for the reference)")
     t.add_argument("--batch_size", type=int, default=16,
                    help="mixed and healthy slices per batch (each), per rank: under torchrun the global batch is "
                         "batch_size x number of ranks")
@@ -161,8 +160,8 @@ def build_parser():
     d.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")
     d.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="bfloat16 autocast (auto: on for CUDA)")
     d.add_argument("--channels_last", type=str2bool, default=False,
-                   help="channels_last memory format for the networks (a CUDA speed option: same maths; its "
-                        "speed has not been measured, no GPU was available)")
+                   help="channels_last memory format for the networks (a CUDA speed option: same maths; speed "
+                        "unmeasured)")
     d.add_argument("--compile", type=str2bool, default=False,
                    help="torch.compile the generator (training and scoring), the refiner's training loss and the "
                         "critic's plain forward passes (the gradient penalty differentiates the critic twice, "

@@ -14,8 +14,8 @@ def slice_scores(images, anomaly_maps, region="head"):
     """Each slice's score: the mean of its anomaly map inside the head (input > HEAD_LEVEL; 0 for a slice with no
     head), or over the whole image with region "image" (the reference's score). Inside the head, a score is change
     per unit of head and does not grow or shrink with how much of the image the head fills (slice level, head
-    size, zoom): on the demo cohort this raised every stage-1 checkpoint's inductive AUC by 0.01 to 0.06 (README,
-    "Results"). images: (N, H, W) input in [-1, 1] (channels averaged); anomaly_maps: (N, H, W); float64 (N,)."""
+    size, zoom): on the demo cohort this raised every stage-1 checkpoint's inductive AUC by 0.01 to 0.06
+    (docs/experiments.md). images: (N, H, W) input in [-1, 1] (channels averaged); anomaly_maps: (N, H, W); float64 (N,)."""
     images = np.asarray(images, dtype=np.float64)
     anomaly_maps = np.asarray(anomaly_maps, dtype=np.float64)
     if images.shape != anomaly_maps.shape or images.ndim != 3:

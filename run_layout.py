@@ -93,7 +93,7 @@ def write_csv(rows, path):
 
 
 def refuse_existing_outputs(paths):
-    """Score mode never overwrites: any of `paths` (None skipped) that exists, from an earlier scoring run, stops
+    """Score mode never overwrites: any of `paths` (None skipped) that exists, from a previous scoring run, stops
     this one before anything is scored or written."""
     existing = [path for path in paths if path is not None and os.path.exists(path)]
     if existing:
