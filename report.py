@@ -21,9 +21,11 @@ def read_json(path):
 
 
 def summary_rows(image_dir, run_dir, iteration):
-    """(name, {protocol: value or None}) rows: refined, coarse and the CSF baseline."""
+    """(name, {protocol: value or None}) rows: refined, coarse and the CSF baseline. A refined row of a refiner
+    that failed stage 2's held-out check carries a "note": --refiner auto scores such a checkpoint coarse."""
     rows = []
     result_dir = run_layout.default_folder(run_dir, "result_dir")
+    check = read_json(run_layout.refiner_check(result_dir, iteration))
     for reconstruction in run_layout.RECONSTRUCTIONS:
         files = run_layout.CheckpointResults(result_dir, iteration, reconstruction)
         results = {p: read_json(files.protocol_json(p)) for p in PROTOCOL_SETS}
@@ -31,6 +33,8 @@ def summary_rows(image_dir, run_dir, iteration):
             values = {p: r["auc"] if r else None for p, r in results.items()}
             inductive = results["inductive"] or {}
             values.update({k: inductive.get(k) for k in ("pixel_auroc", "best_dice")})
+            if reconstruction == "refined" and check and not check["refiner_helps"]:
+                values["note"] = REFINER_NOT_USED  # scored with --refiner on to show what it did
             rows.append((f"Brainomaly-Diff, {reconstruction} (ckpt {iteration})", values))
     baseline = read_json(os.path.join(image_dir, "baseline.json"))
     if baseline:
@@ -39,6 +43,7 @@ def summary_rows(image_dir, run_dir, iteration):
 
 
 COLUMNS = (*PROTOCOL_SETS, "pixel_auroc", "best_dice")
+REFINER_NOT_USED = "refiner failed its held-out check (not used)"
 
 
 def print_table(rows):
@@ -47,7 +52,8 @@ def print_table(rows):
           f"{'pixel AUROC':>12} {'best Dice':>10}")
     for name, values in rows:
         cells = [f"{values[k]:.3f}" if values.get(k) is not None else "n/a" for k in COLUMNS]
-        print(f"{name:<40} {cells[0]:>10} {cells[1]:>13} {cells[2]:>7} {cells[3]:>12} {cells[4]:>10}")
+        note = f"   <- {values['note']}" if values.get("note") else ""
+        print(f"{name:<40} {cells[0]:>10} {cells[1]:>13} {cells[2]:>7} {cells[3]:>12} {cells[4]:>10}{note}")
 
 
 def learning_curve(run_dir, iteration=None):
@@ -82,8 +88,10 @@ def main(argv=None):
     print_table(summary_rows(args.image_dir, args.run_dir, args.iteration))
     curve = learning_curve(args.run_dir, args.iteration)
     results = run_layout.iteration_dir(run_layout.default_folder(args.run_dir, "result_dir"), args.iteration)
-    print(f"\nPlots, CSVs and JSONs: {results}/{{{','.join(run_layout.RECONSTRUCTIONS)}}}/")
-    maps = [f"{results}/{reconstruction}/maps_*/" for reconstruction in run_layout.RECONSTRUCTIONS
+    scored = [r for r in run_layout.RECONSTRUCTIONS if os.path.isdir(os.path.join(results, r))]
+    if scored:
+        print(f"\nPlots, CSVs and JSONs: {' and '.join(f'{results}/{r}/' for r in scored)}")
+    maps = [f"{results}/{reconstruction}/maps_*/" for reconstruction in scored
             if glob.glob(os.path.join(results, reconstruction, "maps_*"))]
     if maps:
         print(f"Anomaly maps: {' and '.join(maps)}")

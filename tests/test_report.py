@@ -55,3 +55,31 @@ def test_learning_curve_marks_the_refined_checkpoint_beside_the_coarse_curves(tm
     assert plotted["iterations"] == [10, 20]
     assert plotted["curves"] == {"AUCp (no labels), coarse": [0.55, 0.6], "AUCp (no labels), refined": [None, 0.65],
                                  "inductive AUC, coarse": [0.7, 0.8], "inductive AUC, refined": [None, 0.85]}
+
+
+def test_refined_row_of_a_refiner_that_failed_its_held_out_check_says_it_was_not_used(tmp_path, capsys):
+    run, data = str(tmp_path / "run"), str(tmp_path / "data")
+    write(f"{run}/results/40/refined/inductive.json", {"auc": 0.75})
+    write(f"{run}/results/40/coarse/inductive.json", {"auc": 0.78})
+    write(f"{run}/results/40/refiner_check.json", {"checkpoint": 40, "refiner_helps": False})
+    rows = report.summary_rows(data, run, 40)
+    report.print_table(rows)
+    lines = capsys.readouterr().out.splitlines()
+    refined = next(line for line in lines if "refined (ckpt 40)" in line)
+    coarse = next(line for line in lines if "coarse (ckpt 40)" in line)
+    assert "0.750" in refined and refined.endswith("refiner failed its held-out check (not used)")
+    assert "held-out check" not in coarse
+
+    write(f"{run}/results/40/refiner_check.json", {"checkpoint": 40, "refiner_helps": True})
+    assert "note" not in dict(report.summary_rows(data, run, 40))["Brainomaly-Diff, refined (ckpt 40)"]
+
+
+def test_report_names_only_the_result_folders_that_exist(tmp_path, capsys):
+    run, data = str(tmp_path / "run"), str(tmp_path / "data")
+    write(f"{run}/results/40/coarse/inductive.json", {"auc": 0.78})
+    os.makedirs(f"{run}/results/40/coarse/maps_inductive")
+    report.main(["--image_dir", data, "--run_dir", run, "--iteration", "40"])
+    out = capsys.readouterr().out
+    assert f"Plots, CSVs and JSONs: {run}/results/40/coarse/\n" in out
+    assert f"Anomaly maps: {run}/results/40/coarse/maps_*/\n" in out
+    assert "refined" not in out
