@@ -17,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))]
 WRAPPERS = {"srun", "time", "exec", "env"}  # words that run the command after them
 FLAG = re.compile(r"--[A-Za-z][\w-]*")
+FENCED = re.compile(r"^```[^\n]*\n(.*?)^```", flags=re.S | re.M)
 # bench/benchmark.py hands every flag it does not know to main.py (its --help says so)
 ALSO_MAIN_FLAGS = {"bench/benchmark.py"}
 
@@ -28,8 +29,8 @@ def read(path):
 
 def code_texts(markdown):
     """The text of every fenced code block, and every inline code span of the prose around them."""
-    fenced = re.findall(r"^```[^\n]*\n(.*?)^```", markdown, flags=re.S | re.M)
-    prose = re.sub(r"^```[^\n]*\n.*?^```", "", markdown, flags=re.S | re.M)
+    fenced = FENCED.findall(markdown)
+    prose = FENCED.sub("", markdown)
     inline = re.findall(r"`([^`]+)`", prose)
     return fenced + [" ".join(span.split()) for span in inline]
 
@@ -155,7 +156,7 @@ def test_every_documented_command_names_a_script_that_exists_and_flags_its_help_
 
 def heading_anchors(markdown):
     """GitHub's anchors of a document's headings: lower case, punctuation dropped, spaces to hyphens."""
-    prose = re.sub(r"^```[^\n]*\n.*?^```", "", markdown, flags=re.S | re.M)
+    prose = FENCED.sub("", markdown)
     return {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
             for title in re.findall(r"^#{1,6} (.+)$", prose, flags=re.M)}
 
