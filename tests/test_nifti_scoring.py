@@ -1,4 +1,5 @@
 """Whole NIfTI scans in, anomaly volumes out: geometry round trip, one preparation path, bad volumes, score.sh."""
+import json
 import os
 
 import nibabel as nib
@@ -199,7 +200,12 @@ def test_score_sh_on_a_nifti_scan_writes_csv_map_and_overlay(toy_dataset, tmp_pa
     assert one.returncode == 0, one.stderr[-3000:]
     results = tmp_path / "runs/Toy/results/2/refined"
     rows = read_csv(results / "scores_sub-01.csv")
-    assert [(r["pid"], r["flagged"] in ("0", "1")) for r in rows] == [("sub-01", True)]
+    assert [r["pid"] for r in rows] == ["sub-01"]
+    # flagged: the scan's score above the 95th percentile (--flag_percentile) of the known-healthy patients' scores
+    with open(results / "healthy_reference.json") as f:
+        healthy = json.load(f)["healthy_patient_scores"]
+    threshold = np.percentile(healthy, 95)
+    assert rows[0]["flagged"] == str(int(float(rows[0]["score"]) > threshold)), (rows[0], threshold)
     assert int(rows[0]["n_slices"]) == len(prepare_data.prepare_volume(str(scans / "sub-01.nii.gz"), image_size=32)
                                            .indices)
     out = nib.load(str(results / "scores_sub-01" / "sub-01_anomaly.nii.gz"))

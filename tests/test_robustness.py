@@ -181,6 +181,20 @@ def test_training_killed_at_random_moments_resumes_to_the_end(toy_dataset, tmp_p
     for name in names:
         if name.endswith(".ckpt"):
             torch.load(f"{models}/{name}", weights_only=True)  # every checkpoint left behind loads
+    # the killed and resumed run ends where one uninterrupted run of the same command ends
+    one_run = str(tmp_path / "one_run")
+    uninterrupted = subprocess.run([sys.executable, f"{REPO}/main.py",
+                                    *train_args(toy_dataset, one_run, "--num_iters", "60", "--model_save_step", "60",
+                                                "--sample_step", "1000")],
+                                   env=env, capture_output=True, text=True)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    for part in ("G", "D"):
+        ours, theirs = weights(f"{models}/60-{part}.ckpt"), weights(f"{one_run}/models/60-{part}.ckpt")
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            assert torch.allclose(ours[name], theirs[name], atol=1e-6), f"{part} {name} differs after the kills"
+    raw = [torch.load(f"{run}/models/60-state.ckpt", weights_only=True)["generator"] for run in (run_dir, one_run)]
+    assert all(torch.allclose(raw[0][name], raw[1][name], atol=1e-6) for name in raw[0])
 
 
 def test_interrupted_stage2_leaves_no_scoring_refiner_and_resumes_with_its_own_architecture(
