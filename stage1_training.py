@@ -47,18 +47,19 @@ def set_learning_rates(config, optimizers, iteration):
 
 def save_stage1(config, iteration, generator, g_ema, critic, g_optimizer, d_optimizer, streams, noise_generator):
     saved = saved_config(config)
-    ckpt.atomic_save({"state_dict": critic.state_dict(), "config": saved, "iteration": iteration},
-                     model_path(config, iteration, "D"))
-    ckpt.atomic_save({"iteration": iteration, "g_optimizer": g_optimizer.state_dict(),
-                      "d_optimizer": d_optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                      "noise_generator": noise_generator.get_state(),
-                      "streams": [s.state_dict() for s in streams], "generator": generator.state_dict(),
-                      "g_ema_updates": None if g_ema is None else g_ema.num_updates},
-                     model_path(config, iteration, "state"))
-    # G last: scoring treats ITER-G.ckpt as "checkpoint ITER exists".
     scored = generator if g_ema is None else g_ema.model
-    ckpt.atomic_save({"state_dict": scored.state_dict(), "config": saved, "iteration": iteration,
-                      "weights": "raw" if g_ema is None else f"ema {g_ema.decay}"}, model_path(config, iteration, "G"))
+    # G last: ITER-G.ckpt marks checkpoint ITER complete for scoring and for resume (checkpoint.save_set)
+    ckpt.save_set([
+        ({"state_dict": critic.state_dict(), "config": saved, "iteration": iteration},
+         model_path(config, iteration, "D")),
+        ({"iteration": iteration, "g_optimizer": g_optimizer.state_dict(), "d_optimizer": d_optimizer.state_dict(),
+          "torch_rng": torch.get_rng_state(), "noise_generator": noise_generator.get_state(),
+          "streams": [s.state_dict() for s in streams], "generator": generator.state_dict(),
+          "g_ema_updates": None if g_ema is None else g_ema.num_updates},
+         model_path(config, iteration, "state")),
+        ({"state_dict": scored.state_dict(), "config": saved, "iteration": iteration,
+          "weights": "raw" if g_ema is None else f"ema {g_ema.decay}"}, model_path(config, iteration, "G")),
+    ], "stage-1 checkpoint")
 
 
 def resume_iteration(config):
