@@ -91,4 +91,5 @@ class Solver:
         elif mode == "score":
             score_folder.score_folder(runtime, config)
         elif mode == "check_data":
-            data_loader.check_dataset(config.image_dir, config.batch_size, full=True)
+            data_loader.check_dataset(config.image_dir, config.batch_size, full=True,
+                                      healthy_holdout=config.healthy_holdout, seed=config.seed)

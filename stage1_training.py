@@ -178,7 +178,7 @@ def train(runtime, config):
     else:
         refuse_to_overwrite(c, "G", "resume it with --resume_iters latest")
     ranks = runtime.world_size
-    data_loader.check_dataset(c.image_dir, c.batch_size * ranks)
+    data_loader.check_dataset(c.image_dir, c.batch_size * ranks, healthy_holdout=c.healthy_holdout, seed=c.seed)
     max_shift = round(c.augment_shift * c.image_size)
     mixed = data_loader.training_stream(data_loader.mixed_set_paths(c.image_dir), c.image_size,
                                         c.batch_size, c.seed, c.preload, **runtime.stream_options(),
@@ -206,7 +206,10 @@ def train(runtime, config):
     writes = runtime.is_main  # rank 0 alone writes checkpoints, samples and logs
     if writes:
         write_json(saved_config(c), os.path.join(c.model_save_dir, "config.json"))
-    fixed_mixed, fixed_healthy = (torch.stack([data_loader.load_slice(p, c.image_size) for p in paths[:8]])
+    # as many healthy as mixed samples, so each grid row pairs one of each (the held-out split can leave fewer
+    # healthy slices than mixed ones)
+    n_samples = min(8, len(mixed.paths), len(healthy.paths))
+    fixed_mixed, fixed_healthy = (torch.stack([data_loader.load_slice(p, c.image_size) for p in paths[:n_samples]])
                                   for paths in (mixed.paths, healthy.paths))
     # --compile: the critic's plain passes are compiled; train_step runs the gradient penalty eagerly.
     # Wrapped after the restore: DDP copies rank 0's weights to every rank when it is built.
