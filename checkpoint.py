@@ -6,13 +6,20 @@ A checkpoint iteration ITER in the models folder is
     ITER-state.ckpt  optimisers, random states, data-stream positions (exact resume)
     ITER-R.ckpt      refiner EMA weights + config, refining ITER-G (stage 2)
     ITER-R-state.ckpt  refiner raw weights, optimiser and random states (stage-2 resume)
+
+A stage-1 checkpoint ITER is complete when ITER-G.ckpt exists: save_set writes it last, after D and the state,
+and a save that fails removes the whole set, so every reader (resume 'latest', scoring, the sweep over 'all')
+that asks for G never meets a half-written one. ITER-R.ckpt is written the same way, after ITER-R-state.
 """
 import argparse
+import contextlib
+import io
 import os
 import re
 
 import torch
 
+from atomic_files import write_bytes
 from errors import UserError
 
 CHECKPOINT_PATTERN = re.compile(r"^(\d+)-(G|D|state|R|R-state)\.ckpt$")
@@ -22,16 +29,27 @@ def checkpoint_path(model_dir, iteration, part):
     return os.path.join(model_dir, f"{iteration}-{part}.ckpt")
 
 
-def atomic_save(payload, path):
-    """Write to a temporary file in the same folder, flush it to disk, then rename: a kill at any moment
-    leaves either the old file or the new one, never a torn one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_save(payload, path, what="checkpoint"):
+    """Write a checkpoint atomically (atomic_files: a kill leaves the old file or the new one, never a torn one).
+    Serialised in memory first: torch.save writing straight to a full disk raises a RuntimeError about zip
+    positions instead of the OS error; a plain write of the bytes raises the OSError that names the cause."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes(buffer.getbuffer(), path, what)
+
+
+def save_set(parts, what="checkpoint"):
+    """Write [(payload, path), ...] in order, the last one being the part that marks the set complete; when any
+    write fails, every file of the set is removed (also an older copy of a part not reached yet), so no half set
+    is left to resume from or score, and the error goes on."""
+    try:
+        for payload, path in parts:
+            atomic_save(payload, path, what)
+    except BaseException:
+        for _, path in parts:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        raise
 
 
 def load(path, map_location="cpu"):

@@ -334,23 +334,65 @@ def open_image(path, full):
         return None, str(err)
 
 
+MASK_FOLDERS = ("masks", "brain_masks")  # anomaly masks and brain masks, at each slice's path under --image_dir
+
+
+def mask_path(root, path, folder):
+    return os.path.join(root, folder, os.path.relpath(path, root))
+
+
 def ground_truth_masks(root, path, image_size):
-    """(anomaly mask, brain mask) of a slice from ROOT/masks and ROOT/brain_masks, or None when either is missing."""
-    relative = os.path.relpath(path, root)
-    found = []
-    for folder in ("masks", "brain_masks"):
-        mask_path = os.path.join(root, folder, relative)
-        if not os.path.isfile(mask_path):
-            return None
-        found.append(load_slice(mask_path, image_size)[0].numpy() > 0)
-    return found
+    """(anomaly mask, brain mask or None) of a slice from ROOT/masks and ROOT/brain_masks as boolean (S, S)
+    arrays, or None when the slice has no anomaly mask. Without a brain mask the pixel metrics count the head
+    (metrics.head_region of the input) instead."""
+    anomaly = mask_path(root, path, "masks")
+    if not os.path.isfile(anomaly):
+        return None
+    brain = mask_path(root, path, "brain_masks")
+    return (load_slice(anomaly, image_size)[0].numpy() > 0,
+            load_slice(brain, image_size)[0].numpy() > 0 if os.path.isfile(brain) else None)
 
 
 def has_masks(root):
     return os.path.isdir(os.path.join(root, "masks"))
 
 
-def check_dataset(root, batch_size, full=False, batch_flag="--batch_size", mixed_in_batches=True):
+def mask_coverage(root, images_by_folder):
+    """Report of masks/ and brain_masks/ for check_data: (summary lines, warnings). A folder where some slices
+    have a mask and others not names the ones without: a warning, not an error (pixel metrics skip a slice
+    without an anomaly mask and count the head of one without a brain mask), but most often a file gone missing."""
+    lines, warnings = [], []
+    n_total = sum(len(images) for images in images_by_folder.values())
+    for mask_folder in MASK_FOLDERS:
+        if not os.path.isdir(os.path.join(root, mask_folder)):
+            lines.append(f"{mask_folder + '/':<13} absent" + (
+                ": pixel metrics are not computed" if mask_folder == "masks" else
+                ": pixel metrics count the head (input above the background level) as the region"))
+            continue
+        covered = 0
+        for folder, images in images_by_folder.items():
+            missing = [p for p in images if not os.path.isfile(mask_path(root, p, mask_folder))]
+            covered += len(images) - len(missing)
+            if missing and len(missing) < len(images):
+                shown = ", ".join(mask_path(root, p, mask_folder) for p in missing[:3])
+                warnings.append(f"{len(missing)} of the {len(images)} slices in {os.path.join(root, folder)} have "
+                                f"no {mask_folder[:-1].replace('_', ' ')} while the others have one; missing: "
+                                f"{shown}" + (", ..." if len(missing) > 3 else "") +
+                                ". Add them at the same relative path, or pixel metrics " +
+                                ("leave those slices out." if mask_folder == "masks" else
+                                 "count the head of those slices instead."))
+        lines.append(f"{mask_folder + '/':<13} {covered} of {n_total} slices")
+    return lines, warnings
+
+
+def trained_healthy_count(root, healthy_holdout, seed):
+    """(slices of train/neg stage 1 trains on, patients it holds out) with --healthy_holdout and --seed."""
+    trained_on, held_out = known_healthy_split(root, healthy_holdout, seed)
+    return len(trained_on), len({patient_id(p) for p in held_out})
+
+
+def check_dataset(root, batch_size, full=False, batch_flag="--batch_size", mixed_in_batches=True,
+                  healthy_holdout=0.0, seed=0):
     """Validate the layout before any work starts; every problem found is reported in one UserError.
 
     Required: train/pos, train/neg_mixed, train/neg with images (the test folders are optional).
@@ -359,11 +401,13 @@ def check_dataset(root, batch_size, full=False, batch_flag="--batch_size", mixed
     full=True decodes every image (check_data mode); otherwise only the headers are read.
     batch_flag names the flag that set batch_size (stage 2 batches with --refiner_batch_size).
     mixed_in_batches=False: only train/neg is drawn in batches (stage 2), so only its size is checked.
+    healthy_holdout, seed: stage 1's --healthy_holdout and --seed; the known-healthy slices left to train on after
+    the held-out patients are what must fill a batch. full=True also reports masks/ and brain_masks/.
     """
     if not os.path.isdir(root):
         raise UserError(f"missing data folder {root}.\nFix: pass --image_dir (train.sh NAME reads data/NAME); "
                         f"the layout is in README, 'Data layout'.")
-    problems, folders_of_patient, sizes, summary = [], {}, {}, []
+    problems, folders_of_patient, sizes, summary, images_by_folder = [], {}, {}, [], {}
     for folder in ("train/pos", "train/neg_mixed", "train/neg", "test/pos", "test/neg"):
         path = os.path.join(root, folder)
         required = folder.startswith("train/")
@@ -382,10 +426,23 @@ def check_dataset(root, batch_size, full=False, batch_flag="--batch_size", mixed
                 sizes.setdefault(size, image_path)
             folders_of_patient.setdefault(patient_id(image_path), set()).add(folder)
         summary.append((folder, len(images), len({patient_id(p) for p in images})))
+        images_by_folder[folder] = images
     for folder, count, _ in summary:
         if folder == "train/neg" and 0 < count < batch_size:
             problems.append(f"only {count} slices in {os.path.join(root, folder)} for a batch of {batch_size}: "
                             f"add slices or lower {batch_flag}.")
+        elif folder == "train/neg" and count and healthy_holdout > 0:
+            trained, held = trained_healthy_count(root, healthy_holdout, seed)
+            if trained < batch_size:
+                problems.append(f"only {trained} of the {count} slices in {os.path.join(root, folder)} are trained "
+                                f"on ({held} patient(s) held out by --healthy_holdout {healthy_holdout:g}) for a "
+                                f"batch of {batch_size}: add slices or patients, lower {batch_flag} or "
+                                f"--healthy_holdout.")
+    mask_lines = []
+    if full:
+        mask_lines, mask_warnings = mask_coverage(root, images_by_folder)
+        for warning in mask_warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     mixed_count = sum(count for folder, count, _ in summary if folder in MIXED_FOLDERS)
     if mixed_in_batches and 0 < mixed_count < batch_size:
         problems.append(f"only {mixed_count} slices in the mixed set ({root}/train/pos + train/neg_mixed) for a "
@@ -404,6 +461,8 @@ def check_dataset(root, batch_size, full=False, batch_flag="--batch_size", mixed
         print(f"{'folder':<16} {'slices':>8} {'patients':>9}")
         for folder, count, patients in summary:
             print(f"{folder:<16} {count:>8} {patients:>9}")
+        for line in mask_lines:
+            print(line)
     if problems:
         raise UserError(f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems))
     if full:

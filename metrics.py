@@ -10,6 +10,12 @@ HEAD_LEVEL = -0.96  # input above this is head, not the black background (2% of 
 SCORE_REGIONS = ("head", "image")
 
 
+def head_region(images):
+    """Where the input is head rather than the black background (input above HEAD_LEVEL): the region of the slice
+    score, and of the pixel metrics on a dataset with anomaly masks but no brain masks."""
+    return np.asarray(images) > HEAD_LEVEL
+
+
 def slice_scores(images, anomaly_maps, region="head"):
     """Each slice's score: the mean of its anomaly map inside the head (input > HEAD_LEVEL; 0 for a slice with no
     head), or over the whole image with region "image" (the reference's score). Inside the head, a score is change
@@ -24,7 +30,7 @@ def slice_scores(images, anomaly_maps, region="head"):
         raise ValueError(f"score region must be one of {SCORE_REGIONS}, got {region!r}")
     if region == "image":
         return anomaly_maps.mean(axis=(1, 2))
-    head = images > HEAD_LEVEL
+    head = head_region(images)
     area = head.sum(axis=(1, 2))
     return np.where(area > 0, (anomaly_maps * head).sum(axis=(1, 2)) / np.maximum(area, 1), 0.0)
 
@@ -193,9 +199,12 @@ class PixelMetrics:
     the recall gained times the precision there, sklearn's definition) and the best Dice over bin thresholds
     (pixel >= threshold)."""
         n_pos, n_neg = int(self.positive.sum()), int(self.negative.sum())
+        if n_pos == 0 and n_neg == 0:
+            raise ValueError("no scored slice has an anomaly mask (masks/ at the slice's relative path)")
         if n_pos == 0 or n_neg == 0:
             raise ValueError(
-                f"pixel metrics need lesion and non-lesion pixels, got {n_pos} lesion and {n_neg} other pixels")
+                f"pixel metrics need lesion and non-lesion pixels, got {n_pos} lesion and {n_neg} other pixels "
+                f"inside the region")
         # Predicted positive at threshold edges[k] = pixels in bins k..n-1; append k = n (nobody predicted).
         tp = np.append(np.cumsum(self.positive[::-1])[::-1], 0)
         fp = np.append(np.cumsum(self.negative[::-1])[::-1], 0)

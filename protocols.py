@@ -94,7 +94,8 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     consumers = []
     pixel_metrics = metrics.PixelMetrics() if protocol.pixel_metrics and data_loader.has_masks(c.image_dir) else None
     if pixel_metrics is not None:
-        consumers.append(scoring.pixel_metrics_consumer(pixel_metrics, paths, c.image_dir, c.image_size))
+        pixel_consumer = scoring.pixel_metrics_consumer(pixel_metrics, paths, c.image_dir, c.image_size)
+        consumers.append(pixel_consumer)
     panels = None
     if c.save_maps > 0:
         panels = scoring.AnomalyPanels(paths, labels, protocol.label_names, out.protocol_maps(name), c.save_maps,
@@ -132,7 +133,8 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     if panels is not None:
         panels.write(known_healthy_reference(runtime, networks)["map_scale"])
     if pixel_metrics is not None:
-        result.update(pixel_metrics.compute())
+        result["pixel_region_slices"] = pixel_consumer.regions()  # slices counted inside a brain mask / the head
+        add_optional_metrics(result, "pixel_metrics", pixel_metrics.compute)
     result["seconds"] = round(time.time() - started, 2)
     if not runtime.is_main:
         return result
@@ -147,6 +149,15 @@ def score_protocol(runtime, networks, name, paths, labels, started):
                                    title, label_names=protocol.label_names)
     log_protocol(c, result, out.folder)
     return result
+
+
+def add_optional_metrics(result, name, compute):
+    """result.update(compute()); a metric that cannot be computed on this data (e.g. pixel metrics where no
+    scored slice has a lesion pixel) is left out with its reason under "not_computed", so the rest is written."""
+    try:
+        result.update(compute())
+    except ValueError as err:
+        result.setdefault("not_computed", {})[name] = str(err)
 
 
 def known_healthy_reference(runtime, networks):
@@ -237,6 +248,8 @@ def print_result(result, out_dir):
           f"{result['n_slices']} slices, {result['seconds']} s")
     for label, value in rows:
         print(f"  {label:<26} {value:.4f}")
+    for name, reason in result.get("not_computed", {}).items():
+        print(f"  {name.replace('_', ' '):<26} not computed: {reason}")
     estimate = result.get("auc_estimate_from_rho")
     if estimate is not None and not 0.0 <= estimate <= 1.0:
         print(f"  (the AUC estimate lies outside [0, 1]: the mixed set's healthy slices do not score like the "

@@ -15,6 +15,7 @@ import csv
 import json
 import os
 
+from atomic_files import atomic_output
 from errors import UserError
 
 # config key -> its default folder under --run_dir
@@ -78,18 +79,19 @@ class CheckpointResults:
         return os.path.join(self.folder, f"maps_score_{tag}")
 
 
-def write_json(payload, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+def write_json(payload, path, what="result"):
+    """Atomic (atomic_files): a failed write is a UserError naming the file, and leaves no partial JSON."""
+    with atomic_output(path, what) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
 
 
-def write_csv(rows, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def write_csv(rows, path, what="result table"):
+    with atomic_output(path, what) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def refuse_existing_outputs(paths):

@@ -136,13 +136,26 @@ class CoarseScores:
 
 
 def pixel_metrics_consumer(pixel_metrics, paths, image_dir, image_size):
-    """Adds each slice's anomaly map to pixel_metrics (metrics.PixelMetrics) where the slice has masks."""
+    """Adds each slice's anomaly map to pixel_metrics (metrics.PixelMetrics) where the slice has an anomaly mask,
+    counting the pixels inside its brain mask, or inside the head (metrics.head_region, as the slice score) where
+    it has none. consume.regions counts the slices of each region ({"brain mask": n, "head": n})."""
+    regions = np.zeros(2, dtype=np.int64)  # slices counted inside a brain mask, inside the head
+
     def consume(batch):
         for row, i in enumerate(batch.index.tolist()):
             masks = data_loader.ground_truth_masks(image_dir, paths[i], image_size)
-            if masks is not None:
-                pixel_metrics.update(batch.anomaly_map[row].cpu().numpy(), masks[0], masks[1])
-    consume.merge_ranks = lambda: distributed.sum_arrays(pixel_metrics.positive, pixel_metrics.negative)
+            if masks is None:
+                continue
+            anomaly_mask, brain_mask = masks
+            if brain_mask is not None:
+                region = brain_mask
+                regions[0] += 1
+            else:
+                region = metrics.head_region(batch.x[row].mean(dim=0).float().cpu().numpy())
+                regions[1] += 1
+            pixel_metrics.update(batch.anomaly_map[row].float().cpu().numpy(), anomaly_mask, region)
+    consume.merge_ranks = lambda: distributed.sum_arrays(pixel_metrics.positive, pixel_metrics.negative, regions)
+    consume.regions = lambda: {"brain mask": int(regions[0]), "head": int(regions[1])}
     return consume
 
 

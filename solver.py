@@ -1,6 +1,7 @@
 """Solver: picks the device and precision once, then hands --mode to the module that does that job:
 stage1_training (Brainomaly GAN), stage2_training (residual diffusion refiner), protocols (inductive,
-transductive, AUCp, all scored through scoring.py) and score_folder (new scans)."""
+transductive, AUCp, all scored through scoring.py) and score_folder (new scans). Training holds the run folder's
+lock (run_lock) while it runs."""
 import contextlib
 
 import torch
@@ -8,6 +9,7 @@ import torch
 import data_loader
 import distributed
 import protocols
+import run_lock
 import score_folder
 import stage1_training
 import stage2_training
@@ -79,12 +81,15 @@ class Solver:
     def run(self):
         mode, config, runtime = self.config.mode, self.config, self.runtime
         if mode == "train":
-            stage1_training.train(runtime, config)
+            with run_lock.one_trainer(config.run_dir):  # one training job per run folder
+                stage1_training.train(runtime, config)
         elif mode == "train_refiner":
-            stage2_training.train_refiner(runtime, config)
+            with run_lock.one_trainer(config.run_dir):
+                stage2_training.train_refiner(runtime, config)
         elif mode.startswith("test_"):
             protocols.test(runtime, config, mode[len("test_"):])
         elif mode == "score":
             score_folder.score_folder(runtime, config)
         elif mode == "check_data":
-            data_loader.check_dataset(config.image_dir, config.batch_size, full=True)
+            data_loader.check_dataset(config.image_dir, config.batch_size, full=True,
+                                      healthy_holdout=config.healthy_holdout, seed=config.seed)

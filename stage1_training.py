@@ -47,18 +47,19 @@ def set_learning_rates(config, optimizers, iteration):
 
 def save_stage1(config, iteration, generator, g_ema, critic, g_optimizer, d_optimizer, streams, noise_generator):
     saved = saved_config(config)
-    ckpt.atomic_save({"state_dict": critic.state_dict(), "config": saved, "iteration": iteration},
-                     model_path(config, iteration, "D"))
-    ckpt.atomic_save({"iteration": iteration, "g_optimizer": g_optimizer.state_dict(),
-                      "d_optimizer": d_optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                      "noise_generator": noise_generator.get_state(),
-                      "streams": [s.state_dict() for s in streams], "generator": generator.state_dict(),
-                      "g_ema_updates": None if g_ema is None else g_ema.num_updates},
-                     model_path(config, iteration, "state"))
-    # G last: scoring treats ITER-G.ckpt as "checkpoint ITER exists".
     scored = generator if g_ema is None else g_ema.model
-    ckpt.atomic_save({"state_dict": scored.state_dict(), "config": saved, "iteration": iteration,
-                      "weights": "raw" if g_ema is None else f"ema {g_ema.decay}"}, model_path(config, iteration, "G"))
+    # G last: ITER-G.ckpt marks checkpoint ITER complete for scoring and for resume (checkpoint.save_set)
+    ckpt.save_set([
+        ({"state_dict": critic.state_dict(), "config": saved, "iteration": iteration},
+         model_path(config, iteration, "D")),
+        ({"iteration": iteration, "g_optimizer": g_optimizer.state_dict(), "d_optimizer": d_optimizer.state_dict(),
+          "torch_rng": torch.get_rng_state(), "noise_generator": noise_generator.get_state(),
+          "streams": [s.state_dict() for s in streams], "generator": generator.state_dict(),
+          "g_ema_updates": None if g_ema is None else g_ema.num_updates},
+         model_path(config, iteration, "state")),
+        ({"state_dict": scored.state_dict(), "config": saved, "iteration": iteration,
+          "weights": "raw" if g_ema is None else f"ema {g_ema.decay}"}, model_path(config, iteration, "G")),
+    ], "stage-1 checkpoint")
 
 
 def resume_iteration(config):
@@ -177,7 +178,7 @@ def train(runtime, config):
     else:
         refuse_to_overwrite(c, "G", "resume it with --resume_iters latest")
     ranks = runtime.world_size
-    data_loader.check_dataset(c.image_dir, c.batch_size * ranks)
+    data_loader.check_dataset(c.image_dir, c.batch_size * ranks, healthy_holdout=c.healthy_holdout, seed=c.seed)
     max_shift = round(c.augment_shift * c.image_size)
     mixed = data_loader.training_stream(data_loader.mixed_set_paths(c.image_dir), c.image_size,
                                         c.batch_size, c.seed, c.preload, **runtime.stream_options(),
@@ -205,7 +206,10 @@ def train(runtime, config):
     writes = runtime.is_main  # rank 0 alone writes checkpoints, samples and logs
     if writes:
         write_json(saved_config(c), os.path.join(c.model_save_dir, "config.json"))
-    fixed_mixed, fixed_healthy = (torch.stack([data_loader.load_slice(p, c.image_size) for p in paths[:8]])
+    # as many healthy as mixed samples, so each grid row pairs one of each (the held-out split can leave fewer
+    # healthy slices than mixed ones)
+    n_samples = min(8, len(mixed.paths), len(healthy.paths))
+    fixed_mixed, fixed_healthy = (torch.stack([data_loader.load_slice(p, c.image_size) for p in paths[:n_samples]])
                                   for paths in (mixed.paths, healthy.paths))
     # --compile: the critic's plain passes are compiled; train_step runs the gradient penalty eagerly.
     # Wrapped after the restore: DDP copies rank 0's weights to every rank when it is built.

@@ -133,12 +133,14 @@ def save_stage2(config, iteration, step, diffusion, ema, optimizer, stream, nois
     ckpt.atomic_save({"state_dict": diffusion.state_dict(), "ema": ema.state_dict(),
                       "optimizer": optimizer.state_dict(), "noise_generator": noise_generator.get_state(),
                       "stream": stream.state_dict(), "refiner_iteration": step, "config": saved},
-                     model_path(config, iteration, "R-state"))
+                     model_path(config, iteration, "R-state"), "refiner training state")
     if not final:
         return
-    # R last: scoring treats ITER-R.ckpt as "the refiner of ITER exists".
+    # R last: scoring treats ITER-R.ckpt as "the refiner of ITER exists". When writing it fails, the complete
+    # ITER-R-state of the last step stays: --resume_iters latest goes straight to the check and this save.
     ckpt.atomic_save({"state_dict": ema.model.state_dict(), "config": saved, "refines": iteration,
-                      "refiner_iteration": step, "holdout_check": check}, model_path(config, iteration, "R"))
+                      "refiner_iteration": step, "holdout_check": check}, model_path(config, iteration, "R"),
+                     "refiner checkpoint")
 
 
 def restore_stage2(config, iteration, diffusion, ema, optimizer, stream, noise_generator):

@@ -1,9 +1,8 @@
 """Pictures of results, independent of the model: each function turns numbers or images into one PNG.
 
-Every function creates the parent folder, writes the PNG and closes its figure, so long runs do not leak memory.
+Every function creates the parent folder, writes the PNG atomically (atomic_files: a full disk is one clear
+error, no partial file) and closes its figure, so long runs do not leak memory.
 """
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")  # headless: training machines and CI have no display
@@ -13,14 +12,18 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
+from atomic_files import atomic_output  # noqa: E402
+
 DPI = 100
 PANEL_INCHES = 3.0  # one anomaly-panel column; the figure widens by this much per panel
 
 
-def _save(fig, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the pixel size stays figsize * DPI
-    plt.close(fig)
+def _save(fig, path, what="plot"):
+    try:
+        with atomic_output(path, what) as tmp:
+            fig.savefig(tmp, dpi=DPI, format="png")  # no bbox_inches="tight": the pixel size stays figsize * DPI
+    finally:
+        plt.close(fig)
 
 
 def save_roc_curve(labels, scores, path, title):
@@ -123,13 +126,15 @@ def normalise_per_image(x):
 
 def save_sample_grid(columns, path):
     """One PNG, one row per sample, columns side by side (e.g. input | map | reconstruction), each in [-1, 1].
-    Returns the picture as a (C, H, W) tensor in [0, 1]."""
+    Columns of different lengths (a held-out split can leave fewer healthy samples than mixed ones) are cut to
+    the shortest, so every row is complete. Returns the picture as a (C, H, W) tensor in [0, 1]."""
     columns = [c.detach().float().cpu() for c in columns]
+    rows = min(c.shape[0] for c in columns)
     channels = max(c.shape[1] for c in columns)
-    row = torch.cat([c.expand(-1, channels, -1, -1) for c in columns], dim=3)  # widths add up along each row
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    row = torch.cat([c[:rows].expand(-1, channels, -1, -1) for c in columns], dim=3)  # widths add up per row
     grid = ((row + 1) / 2).clamp(0, 1)
-    save_image(grid, path, nrow=1, padding=0)
+    with atomic_output(path, "sample grid") as tmp:
+        save_image(grid, tmp, nrow=1, padding=0, format="png")
     return torch.cat(list(grid), dim=1)  # (C, rows x H, W): the picture as written, for TensorBoard
 
 
