@@ -308,3 +308,18 @@ def test_scoring_in_each_mode_gives_fp32_slice_scores_within_tolerance(scoring_i
     # stated tolerance: refined and coarse slice scores within 2% (bf16) or 1e-5 (channels_last), relative
     assert batch.scores == pytest.approx(plain.scores, rel=rel)
     assert coarse[1] == pytest.approx(plain_coarse[1], rel=rel)
+
+
+def test_instance_norm_keeps_channels_last_and_normalises_as_the_stock_norm():
+    from model import instance_norm
+    torch.manual_seed(5)
+    norm = instance_norm(6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(3, 6, 8, 8) * 3 + 1
+    stock = torch.nn.functional.instance_norm(x, weight=norm.weight, bias=norm.bias, eps=norm.eps)
+    out = norm(x.to(memory_format=torch.channels_last))
+    # no NCHW copy for the next channels_last convolution to convert back
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, stock, atol=1e-5)
+    assert torch.equal(norm(x), stock)  # NCHW: the stock path, bit for bit
