@@ -16,7 +16,7 @@ import time
 import torch
 
 PROBE_FILE = "fast_path_probe.json"
-PROBE_MAX_BATCH = 4  # slices per probe batch: the run's batch up to this, so the probe takes seconds at 192 px
+PROBE_MAX_BATCH = 8  # slices per probe batch: the run's batch up to this (at 4 the probe missed channels_last's gain)
 PROBE_ROUNDS = 2  # timed critic+generator iterations per candidate, interleaved; the fastest of each counts
 PROBE_MARGIN = 0.95  # a candidate replaces fp32 NCHW only when it takes at most this share of its time
 PROBE_SIZES = ("image_size", "batch_size", "in_channels", "g_conv_dim", "d_conv_dim", "g_repeat_num",
