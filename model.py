@@ -6,10 +6,24 @@ import torch.nn as nn
 ARCHITECTURE_FLAGS = ("image_size", "in_channels", "g_conv_dim", "g_repeat_num", "d_conv_dim", "d_repeat_num")
 
 
+class InstanceNorm(nn.InstanceNorm2d):
+    """InstanceNorm2d that keeps a channels_last input channels_last.
+
+    torch's instance norm views the input as one NCHW batch, so a channels_last activation comes out NCHW and the
+    next channels_last convolution converts it back: two copies of the activation per norm, forward and backward.
+    group_norm with one group per channel is the same normalisation (per sample and channel over H x W, biased
+    variance, the same eps and affine weight and bias) and keeps the format. NCHW inputs take the stock path."""
+
+    def forward(self, x):
+        if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
+            return nn.functional.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 def instance_norm(channels):
     # No running statistics: inference uses per-instance statistics, as the reference does by never calling
     # eval(), and eval() then changes nothing.
-    return nn.InstanceNorm2d(channels, affine=True, track_running_stats=False)
+    return InstanceNorm(channels, affine=True, track_running_stats=False)
 
 
 class ResidualBlock(nn.Module):

@@ -60,6 +60,8 @@ def load_generator(runtime, config, iteration):
     path = model_path(config, resolve_iteration(config, iteration), "G")
     saved = ckpt.load(path)
     config = ckpt.reconciled_config(config, saved["config"], ARCHITECTURE_FLAGS, path)
+    # stage 2 and scoring run as the run trained (a checkpoint from before the choice was recorded: resolved here)
+    config = runtime.settle_fast_path(config, saved["config"])
     generator = Generator(config.in_channels, config.g_conv_dim, config.g_repeat_num)
     generator.load_state_dict(saved["state_dict"])
     return runtime.compiled(runtime.prepare(generator).eval().requires_grad_(False)), config, saved["config"]

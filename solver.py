@@ -8,11 +8,13 @@ import torch
 
 import data_loader
 import distributed
+import precision
 import protocols
 import run_lock
 import score_folder
 import stage1_training
 import stage2_training
+from checkpoint import replace_config
 from errors import UserError
 from speed import compile_module, keep_freed_memory
 
@@ -28,21 +30,47 @@ def pick_device(choice):
 
 
 class Runtime:
-    """Where and how the networks run: the device, bf16 autocast, memory format, compilation (--compile,
-    --compile_backend), loader options, the training streams' options (--preload_on_device), and this process's
-    place among the torchrun ranks (rank, world_size; is_main: the one that writes files)."""
+    """Where and how the networks run: the device, the fast path (bf16 autocast and memory format, settled by
+    settle_fast_path), compilation (--compile, --compile_backend), loader options, the training streams' options
+    (--preload_on_device), and this process's place among the torchrun ranks (rank, world_size; is_main: the one
+    that writes files)."""
 
     def __init__(self, config):
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         self.device = pick_device(config.device)
-        use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self.channels_last = config.channels_last
+        # until settle_fast_path: what the switches force, auto as plain fp32 NCHW (bf16 on CUDA)
+        bf16, channels_last = precision.switch(config.bf16), precision.switch(config.channels_last)
+        self.autocast_dtype = torch.bfloat16 if bf16 == "on" or (bf16 == "auto" and self.device.type == "cuda") else None
+        self.channels_last = channels_last == "on"
+        self.fast_path = None
         self.compile = config.compile
         self.compile_backend = getattr(config, "compile_backend", "inductor")
         self.loader_options = {"num_workers": config.num_workers, "pin_memory": self.device.type == "cuda"}
         self.preload_device = self.device if getattr(config, "preload_on_device", False) else None
+
+    def settle_fast_path(self, config, saved=None):
+        """Decide bf16 and channels_last once per process (precision.py): take the run's choice from `saved` (a
+        checkpoint's or config.json's config) where it has one, else resolve it (a CPU probe, cached in
+        --model_save_dir). Prints the choice and why once; returns config with it as config.fast_path, for
+        config.json and the checkpoints. Call it before the networks are built."""
+        if self.fast_path is None:
+            note = None
+            if saved and saved.get("fast_path"):
+                fast_path, note = precision.adopt(config, self.device, saved["fast_path"])
+            elif self.world_size > 1 and self.device.type == "cpu":
+                # rank 0 alone probes (timing ranks that share the cores would disagree); all take its choice
+                fast_path = distributed.broadcast(
+                    precision.resolve(config, self.device, config.model_save_dir) if self.is_main else None)
+            else:
+                fast_path = precision.resolve(config, self.device, config.model_save_dir, writes=self.is_main)
+            self.fast_path = fast_path
+            self.autocast_dtype = torch.bfloat16 if fast_path["bf16"] else None
+            self.channels_last = fast_path["channels_last"]
+            if note:
+                distributed.main_print(note)
+            distributed.main_print(precision.summary(fast_path))
+        return replace_config(config, fast_path=self.fast_path)
 
     def autocast(self):
         if self.autocast_dtype is None:

@@ -29,8 +29,9 @@ from training_log import TrainingLogger
 def gradient_penalty(critic, real, fake, alpha):
     """WGAN-GP: mean over samples of (||d critic(x~) / d x~||_2 - 1)^2 on x~ = alpha*real + (1-alpha)*fake."""
     mixed = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
-    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+    # fp32 sum, gradient and norm under bf16 autocast too (mixed is fp32, so its gradient comes back fp32)
+    (grad,) = torch.autograd.grad(critic(mixed).float().sum(), mixed, create_graph=True)
+    return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
 def set_learning_rates(config, optimizers, iteration):
@@ -111,8 +112,9 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
         else:
             with torch.no_grad():  # the reference builds a graph here that it never uses
                 fake = healthy_reconstruction(x_mixed, generator(x_mixed))
-        d_loss_real = -critic(x_healthy).mean()
-        d_loss_fake = critic(fake.detach()).mean()
+        # the losses are fp32 means (.float(): the critic's output is bf16 under bf16 autocast)
+        d_loss_real = -critic(x_healthy).float().mean()
+        d_loss_fake = critic(fake.detach()).float().mean()
         # The penalty goes through the plain critic, not its DDP wrapper: DDP synchronises gradients with hooks on
         # each weight's gradient accumulator, which autograd.grad(create_graph=True) never runs (it stops at the
         # input), and a DDP forward whose graph is differentiated twice is not what those hooks expect.
@@ -133,7 +135,7 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
         # L_G = adversarial + lambda_id * identity is a sum: back-propagate the mixed half first, so its
         # graph is freed before the healthy half's is built (half the activation memory, same gradients).
         with runtime.autocast():  # plain critic: its weights get no gradient here, so nothing to synchronise
-            g_loss_fake = -distributed.unwrap(critic)(fake).mean()
+            g_loss_fake = -distributed.unwrap(critic)(fake).float().mean()
         g_loss_fake.backward()
         with runtime.autocast():
             g_loss_id = (healthy_reconstruction(x_healthy, generator(x_healthy)) - x_healthy).abs().mean()
@@ -193,6 +195,8 @@ def train(runtime, config):
     if ranks > 1:
         distributed.main_print(f"Stage 1: {ranks} ranks x batch {c.batch_size} = global batch {ranks * c.batch_size} "
                                f"mixed + as many healthy slices.")
+    # bf16 / channels_last: a resume keeps the run's choice; a new run probes (cached in the models folder)
+    c = runtime.settle_fast_path(c, g_saved["config"] if resume_from is not None else None)
     generator, critic = build_stage1(runtime, c)
     g_ema = EMA(generator, c.g_ema) if c.g_ema > 0 else None
     scored_generator = generator if g_ema is None else g_ema.model  # what the samples and checkpoints show

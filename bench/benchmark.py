@@ -16,7 +16,8 @@ Every network/width flag of main.py passes through (--g_conv_dim, --d_conv_dim, 
   reference_score_batch1  the public code's scoring: 3-channel, no_grad, one slice at a time
   reference_score_batched the same at --batch_size
 
-Each workload runs in its own process (forked from a server that imported the solver once; `--worker NAME
+Our workloads run with the fast path main.py would choose (--bf16, --channels_last; auto: the CPU probe at these
+sizes), resolved once and recorded, with the CPU's capability, in the JSON. Each workload runs in its own process (forked from a server that imported the solver once; `--worker NAME
 --worker_out FILE` runs one alone), so its peak memory (RSS on CPU, torch.cuda.max_memory_allocated on CUDA) is
 its own. Timings exclude --warmup units and report the
 median of --repeats units; CUDA is synchronised before each timer read. FLOPs are counted once per unit with
@@ -46,6 +47,7 @@ import scoring  # noqa: E402
 import stage1_training  # noqa: E402
 import stage2_training  # noqa: E402
 from model import Discriminator, Generator  # noqa: E402
+import precision  # noqa: E402
 from speed import adam  # noqa: E402
 
 WORKLOADS = ("ours_stage1_train", "ours_stage2_train", "ours_score_coarse", "ours_score_refined",
@@ -121,8 +123,11 @@ def build_parser():
     p.add_argument("--out", default="bench.json", help="JSON file to write")
     p.add_argument("--repeats", type=int, default=5, help="timed units per workload (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed units before timing (use >= 1 with --compile)")
-    p.add_argument("--channels_last", type=str2bool, nargs="?", const=True, default=False,
-                   help="channels_last networks for OUR workloads (the reference never uses it)")
+    p.add_argument("--channels_last", type=precision.switch, nargs="?", const="on", default="auto",
+                   help="channels_last networks for OUR workloads (the reference never uses it): auto (as main.py: "
+                        "the probe decides on the CPU), on or off; with --bf16 auto/on/off this picks the mode: "
+                        "fp32 NCHW = --bf16 off --channels_last off, channels_last = --bf16 off --channels_last on, "
+                        "bf16+channels_last = --bf16 on --channels_last on, auto = the defaults")
     p.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False,
                    help="torch.compile OUR networks (the reference never compiles)")
     p.add_argument("--skip_reference", action="store_true", help="measure our workloads only")
@@ -373,6 +378,7 @@ def run_worker(args, passthrough):
               "rate": units / statistics.median(times),
               "rate_unit": RATE_UNITS.get(args.worker, "slices/s"),
               "precision": "fp32" if reference or solver.runtime.autocast_dtype is None else "bf16 autocast",
+              "channels_last": False if reference else bool(solver.runtime.channels_last),
               "peak_rss_bytes": max_rss_bytes(), "rss_before_workload_bytes": rss_before,
               "keep_freed_memory": bool(solver.config.keep_freed_memory) and solver.runtime.device.type == "cpu"}
     if solver.runtime.device.type == "cuda":
@@ -444,7 +450,8 @@ def machine_info():
                     break
     except OSError:
         pass
-    info = {"cpu_model": cpu, "cpu_cores": os.cpu_count(),
+    info = {"cpu_model": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_bf16_units": precision.cpu_bf16_units(), "cpu_cores": os.cpu_count(),
             "cpu_cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "torch_threads": torch.get_num_threads(), "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
             "torch_version": torch.__version__,
@@ -456,8 +463,18 @@ def machine_info():
     return info
 
 
-def measure_device(device, args, argv):
+def resolve_fast_path(args, passthrough, device):
+    """The fast path OUR workloads run with on `device`: --bf16 / --channels_last resolved as main.py resolves them
+    (auto: the probe at these sizes, not cached), once here, then forced in every worker."""
+    return precision.resolve(solver_config(args, passthrough, device), torch.device(device))
+
+
+def measure_device(device, args, argv, passthrough=()):
     dev = torch.device(device)
+    fast_path = resolve_fast_path(args, passthrough, device)
+    print(f"[{device}] {precision.summary(fast_path)}", file=sys.stderr, flush=True)
+    argv = [*argv, "--bf16", "on" if fast_path["bf16"] else "off",
+            "--channels_last", "on" if fast_path["channels_last"] else "off"]
     names = [w for w in (args.workloads or WORKLOADS) if not (args.skip_reference and w in REFERENCE_WORKLOADS)]
     workloads = {}
     for name in names:
@@ -483,7 +500,7 @@ def measure_device(device, args, argv):
         result["ceiling_dtype"] = dtype
         result["achieved_flops_per_s"] = result["flops_per_unit"] * result["rate"]
         result["fraction_of_ceiling"] = result["achieved_flops_per_s"] / ceiling[dtype]["flops_per_s"]
-    out = {"device": device, "ceiling": ceiling, "workloads": workloads}
+    out = {"device": device, "fast_path": fast_path, "ceiling": ceiling, "workloads": workloads}
     out.update(ratios(workloads))
     return out
 
@@ -512,6 +529,7 @@ def print_table(report):
     for device, result in report["results"].items():
         ceil = ", ".join(f"{k} {v['flops_per_s'] / 1e9:.1f} GFLOP/s" for k, v in result["ceiling"].items())
         print(f"\n[{device}] matmul ceiling: {ceil}")
+        print(f"[{device}] {precision.summary(result['fast_path'])}")
         header = f"{'workload':<24} {'rate':>10} {'unit':<8} {'ms/unit':>9} {'GFLOP/unit':>10} " \
                  f"{'GFLOP/s':>8} {'% ceil':>7} {'precision':<13} {'peak MiB':>9} {'+MiB':>7}"
         print(header)
@@ -556,7 +574,7 @@ def main(argv=None):
                          "command": " ".join([os.path.relpath(__file__)] + argv)},
               "results": {}}
     for device in report["config"]["devices"]:
-        report["results"][device] = measure_device(device, args, child_argv)
+        report["results"][device] = measure_device(device, args, child_argv, passthrough)
     primary = "cuda" if "cuda" in report["results"] else "cpu"
     report["primary_device"] = primary
     for key in RATIO_KEYS:

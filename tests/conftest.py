@@ -12,7 +12,10 @@ from data_loader import save_slice_png, slice_filename  # noqa: E402
 TINY_FLAGS = ["--image_size", "32", "--g_conv_dim", "8", "--d_conv_dim", "8", "--g_repeat_num", "1",
               "--d_repeat_num", "3", "--batch_size", "4", "--num_workers", "0", "--use_tensorboard", "false",
               "--refiner_dim", "8", "--refiner_dim_mults", "1,2", "--refiner_attn_levels", "1", "--refiner_heads", "2",
-              "--refiner_batch_size", "4", "--score_batch_size", "8", "--ddim_steps", "2"]
+              "--refiner_batch_size", "4", "--score_batch_size", "8", "--ddim_steps", "2",
+              # fp32 NCHW fixed: --bf16/--channels_last auto time a probe, whose pick would follow the machine's
+              # load and make runs differ in rounding; tests/test_fast_path.py tests auto itself
+              "--bf16", "off", "--channels_last", "off"]
 
 # folder -> (patient prefix, number of patients, diseased?)
 TOY_LAYOUT = {"train/pos": ("mpos", 4, True), "train/neg_mixed": ("mneg", 4, False), "train/neg": ("hea", 6, False),

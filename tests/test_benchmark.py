@@ -81,12 +81,17 @@ def test_benchmark_report_has_every_figure(tmp_path):
     machine = report["machine"]
     assert machine["cpu_model"] and machine["cpu_cores"] >= 1 and machine["torch_version"] == torch.__version__
     assert "cuda_device_name" in machine
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(machine["cpu_bf16_units"]) == {"amx", "avx512_bf16"}
     config = report["config"]
     assert (config["image_size"], config["batch_size"], config["g_conv_dim"], config["ddim_steps"]) == (32, 2, 4, 2)
     assert config["devices"] == ["cpu"] and report["primary_device"] == "cpu"
 
     cpu = report["results"]["cpu"]
     assert cpu["ceiling"]["fp32"]["flops_per_s"] > 0
+    # auto on the CPU: the probe's timings of each candidate and what it resolved to
+    assert (cpu["fast_path"]["bf16_flag"], cpu["fast_path"]["channels_last_flag"]) == ("auto", "auto")
+    assert "fp32 NCHW" in cpu["fast_path"]["probe_seconds"] and "Fast path: " in done.stdout
     assert set(cpu["workloads"]) == set(WORKLOADS)
     for name, w in cpu["workloads"].items():
         for key in ("rate", "seconds_median", "flops_per_unit", "achieved_flops_per_s", "fraction_of_ceiling",
@@ -99,7 +104,11 @@ def test_benchmark_report_has_every_figure(tmp_path):
         assert math.isclose(w["fraction_of_ceiling"], w["achieved_flops_per_s"] / cpu["ceiling"]["fp32"]["flops_per_s"],
                             rel_tol=1e-9)
         assert w["rate_unit"] == ("it/s" if name.endswith("_train") else "slices/s")
-        assert w["precision"] == "fp32"  # --bf16 auto is off on CPU; the reference is always fp32
+        if name.startswith("reference_"):  # the reference is always fp32 NCHW
+            assert (w["precision"], w["channels_last"]) == ("fp32", False)
+        else:  # ours run with the fast path resolved once for the device
+            assert w["precision"] == ("bf16 autocast" if cpu["fast_path"]["bf16"] else "fp32")
+            assert w["channels_last"] == cpu["fast_path"]["channels_last"]
 
     wl = cpu["workloads"]
     # a stage-1 unit is a critic-only + critic-and-generator pair; scoring units are slices
@@ -133,12 +142,17 @@ def test_workloads_flag_runs_exactly_the_named_ones(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     named = ["reference_score_batch1", "ours_score_coarse"]
     done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "benchmark.py"), *TINY, "--out", str(out),
-                           "--workloads", ",".join(named)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+                           "--workloads", ",".join(named), "--bf16", "off", "--channels_last", "on"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     assert set(report["results"]["cpu"]["workloads"]) == set(named)
     assert report["config"]["workloads"] == ["ours_score_coarse", "reference_score_batch1"]
+    # a forced mode: no probe, and our workload ran channels_last while the reference did not
+    fast_path = report["results"]["cpu"]["fast_path"]
+    assert (fast_path["bf16"], fast_path["channels_last"], fast_path["probe_seconds"]) == (False, True, None)
+    assert report["results"]["cpu"]["workloads"]["ours_score_coarse"]["channels_last"] is True
+    assert report["results"]["cpu"]["workloads"]["reference_score_batch1"]["channels_last"] is False
     assert math.isclose(report["speedup_scoring"], report["results"]["cpu"]["workloads"]["ours_score_coarse"]["rate"]
                         / report["results"]["cpu"]["workloads"]["reference_score_batch1"]["rate"], rel_tol=1e-9)
     assert report["speedup_stage1_train"] is None  # neither stage-1 workload ran

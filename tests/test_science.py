@@ -27,7 +27,8 @@ SHIFT_LAYOUT = {"train/pos": ("mpos", 6, True), "train/neg_mixed": ("mneg", 6, F
                 "test/pos": ("tpos", 8, True), "test/neg": ("tneg", 8, False)}
 STAGE1_FLAGS = ["--image_size", "32", "--g_conv_dim", "8", "--d_conv_dim", "8", "--g_repeat_num", "1",
                 "--d_repeat_num", "3", "--batch_size", "8", "--g_lr", "2e-4", "--d_lr", "2e-4", "--lambda_id", "10",
-                "--num_workers", "0", "--use_tensorboard", "false", "--seed", "0"]
+                "--num_workers", "0", "--use_tensorboard", "false", "--seed", "0", "--bf16", "off",
+                "--channels_last", "off"]
 if any("--g_ema" in action.option_strings for action in main.build_parser()._actions):
     STAGE1_FLAGS += ["--g_ema", "0"]  # a generator EMA (where it exists) is not what these tests measure
 TRAIN_ITERS = 100  # the inductive AUC reaches 1.0 from about 30 iterations on this toy set
