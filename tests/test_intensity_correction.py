@@ -17,6 +17,7 @@ from model import healthy_reconstruction
 from networks import build_stage1, load_generator, model_path, saved_config
 from solver import Runtime
 from stage2_training import holdout_check
+from test_protocols import read_csv
 from test_stage2_training import FixedResidual
 
 
@@ -120,6 +121,19 @@ def test_calibrate_scores_with_the_corrected_reconstruction_and_reports_it_besid
     assert calibrated["auc"] == coarse["auc_by_reconstruction"]["calibrated"]
     assert coarse["auc"] == calibrated["auc_by_reconstruction"]["coarse"]
     assert json.load(open(f"{run_dir}/results/10/calibrated/inductive.json"))["auc"] == calibrated["auc"]
+    # a patient's score by hand: the mean over its slices of |x - f(x_c)| / 2 inside the head
+    row = read_csv(f"{run_dir}/results/10/calibrated/inductive.csv")[0]
+    paths = [p for p in data_loader.protocol_slices(toy_dataset, "inductive")[0]
+             if data_loader.patient_id(p) == row["pid"]]
+    x = torch.stack([data_loader.load_slice(p, config.image_size) for p in paths])
+    correction = intensity_correction.for_checkpoint(runtime, config, 10, generator, saved_config(config))
+    with torch.no_grad():
+        corrected = correction(healthy_reconstruction(x, generator(x)))
+    head = x[:, 0] > metrics.HEAD_LEVEL
+    by_hand = np.mean([float(((x - corrected).abs()[k, 0] / 2)[head[k]].mean()) for k in range(len(paths))])
+    assert float(row["score"]) == pytest.approx(by_hand, rel=1e-5)
+    coarse_row = read_csv(f"{run_dir}/results/10/coarse/inductive.csv")[0]
+    assert float(row["score"]) != pytest.approx(float(coarse_row["score"]), rel=1e-3)
 
 
 def test_aucp_selection_considers_the_calibrated_score_first_checkpoint_on_a_tie():
