@@ -6,6 +6,7 @@ A checkpoint iteration ITER in the models folder is
     ITER-state.ckpt  optimisers, random states, data-stream positions (exact resume)
     ITER-R.ckpt      refiner EMA weights + config, refining ITER-G (stage 2)
     ITER-R-state.ckpt  refiner raw weights, optimiser and random states (stage-2 resume)
+    ITER-intensity.json  the intensity correction f of ITER-G (intensity_correction.py; fitted when first scored)
 
 A stage-1 checkpoint ITER is complete when ITER-G.ckpt exists: save_set writes it last, after D and the state,
 and a save that fails removes the whole set, so every reader (resume 'latest', scoring, the sweep over 'all')

@@ -67,9 +67,11 @@ def build_parser():
     m.add_argument("--d_conv_dim", type=int, default=64, help="critic width of the first layer")
     m.add_argument("--g_repeat_num", type=int, default=6, help="residual blocks in the generator")
     m.add_argument("--d_repeat_num", type=int, default=6, help="strided convolutions in the critic")
-    m.add_argument("--map_init", choices=("zero", "default"), default="zero",
+    m.add_argument("--map_init", choices=("zero", "default", "identity"), default="zero",
                    help="zero: the map starts at 0 (x_c = tanh(x), near identity); default: PyTorch's random init "
-                        "as in the reference")
+                        "as in the reference; identity: the map is atanh(x) - x plus a learned map that starts at 0, "
+                        "so x_c = x at iteration 0 (a control run: any AUC it reaches is the generator healing, not "
+                        "the tanh head's per-intensity error)")
     m.add_argument("--lambda_gp", type=float, default=10.0, help="weight of the WGAN-GP gradient penalty")
     m.add_argument("--lambda_id", type=float, default=1.0, help="weight of the identity L1 loss on healthy slices")
 
@@ -105,9 +107,13 @@ def build_parser():
                         "(AUCp over all of train/neg, as the reference)")
 
     r = p.add_argument_group("refiner (stage 2: residual diffusion)")
-    r.add_argument("--refiner", choices=("auto", "on", "off"), default="auto",
-                   help="scoring with the refined (on), coarse (off) reconstruction; auto = refined when "
-                        "<ITER>-R.ckpt exists")
+    r.add_argument("--refiner", choices=("auto", "on", "off", "calibrate"), default="auto",
+                   help="the reconstruction scores use: refined x_r (on), coarse x_c (off), or the intensity-corrected "
+                        "f(x_c) (calibrate: a monotone per-intensity map fitted on the known-healthy slices stage 1 "
+                        "trained on, which removes the tanh head's per-intensity error; label-free); auto = refined "
+                        "when <ITER>-R.ckpt exists and passed stage 2's held-out check, else the better of coarse "
+                        "and calibrated by that check's AUCp (coarse when there is no refiner). Every protocol also "
+                        "reports the coarse and calibrated AUC beside it")
     r.add_argument("--refiner_iters", type=int, default=30000, help="stage-2 training iterations; 0 skips stage 2")
     r.add_argument("--refine_from", type=iteration_or_keyword("aucp"), default="aucp",
                    help="stage-1 checkpoint the refiner refines: an iteration, or 'aucp' to pick it by AUCp")

@@ -45,6 +45,16 @@ HEALTHY_TEMPORAL_MM = (0.0, 1.5)
 ATROPHY_MM = {"ventricle": 2.5, "temporal": 6.5, "sulcal": 1.2}
 
 
+@dataclass(frozen=True)
+class ScannerModel:
+    """The spread of scanner settings every subject draws its own from (the intensity model). The defaults make
+    the demo cohort; others give a cohort whose intensities a method tuned on the demo has not seen."""
+    csf_signal: float = 0.10          # mean CSF intensity of the T1 contrast curve (white matter is about 0.86)
+    gamma_sd: float = 0.12            # sd of log gamma
+    noise: tuple = (0.01, 0.035)      # Rician noise sigma range
+    bias: float = 0.12                # amplitude of the smooth log bias field
+
+
 # Template fields the anatomy and disease models read, sampled together at every output pixel.
 FIELDS = (
     "t1",        # T1 intensity, max 1
@@ -195,7 +205,8 @@ def template_points(geometry, grid):
     return points + np.stack([smooth_field(geometry, grid, 4, (60, 140), 2.5) for _ in range(3)])
 
 
-def render_subject(template, seed, severity, image_size=128, n_slices=8, lesions=False):
+def render_subject(template, seed, severity, image_size=128, n_slices=8, lesions=False,
+                   scanner_model=ScannerModel()):
     """K axial slices of one subject: dict of image (K,S,S) in [0,1], mask and brain (K,S,S) bool.
 
     severity 0 renders the healthy subject; severity > 0 the same subject with atrophy, changed only inside mask.
@@ -238,11 +249,12 @@ def render_subject(template, seed, severity, image_size=128, n_slices=8, lesions
         return t1 + to_lesion * (LESION_LEVEL - t1)
 
     # Scanner: subject-specific T1 contrast curve, smooth bias field, gamma, Rician noise.
-    contrast = (0.0, scanner.normal(0.10, 0.025), scanner.normal(0.52, 0.04), scanner.normal(0.86, 0.03))
+    contrast = (0.0, scanner.normal(scanner_model.csf_signal, 0.025), scanner.normal(0.52, 0.04),
+                scanner.normal(0.86, 0.03))
     contrast += (contrast[-1] * 1.06,)
-    gamma = np.exp(scanner.normal(0, 0.12))
-    noise_sigma = scanner.uniform(0.01, 0.035)
-    bias = np.exp(smooth_field(scanner, grid, 3, (150, 300), 0.12))
+    gamma = np.exp(scanner.normal(0, scanner_model.gamma_sd))
+    noise_sigma = scanner.uniform(*scanner_model.noise)
+    bias = np.exp(smooth_field(scanner, grid, 3, (150, 300), scanner_model.bias))
     noise = noise_rng.standard_normal((2, values.shape[0])) * noise_sigma
 
     def scan(t1):
@@ -308,7 +320,8 @@ def check_output(out_dir, overwrite):
 
 
 def make_cohort(out_dir, mixed=80, disease_share=0.4, healthy=80, test_pos=40, test_neg=40, image_size=128,
-                n_slices=8, severity=(0.4, 1.0), seed=0, lesions=False, overwrite=False, progress=True, nifti=False):
+                n_slices=8, severity=(0.4, 1.0), seed=0, lesions=False, overwrite=False, progress=True, nifti=False,
+                scanner_model=ScannerModel()):
     """Write the cohort under out_dir and return the manifest rows (dicts with MANIFEST_COLUMNS)."""
     if min(mixed, healthy, test_pos, test_neg) < 0 or not 0 <= disease_share <= 1:
         raise UserError("subject counts must be >= 0 and --disease_share in [0, 1].\nFix: correct the flags.")
@@ -322,7 +335,8 @@ def make_cohort(out_dir, mixed=80, disease_share=0.4, healthy=80, test_pos=40, t
                                       desc="subjects", disable=not progress):
         pid = f"sub-{number:04d}"
         subject_severity = float(np.random.default_rng([seed, number, 1]).uniform(*severity)) if label else 0.0
-        slices = render_subject(template, [seed, number], subject_severity, image_size, n_slices, lesions)
+        slices = render_subject(template, [seed, number], subject_severity, image_size, n_slices, lesions,
+                                scanner_model)
         for k in range(n_slices):
             relative = f"{folder}/{slice_filename(pid, k)}"
             save_slice_png(slices["image"][k], os.path.join(out_dir, relative))
@@ -381,6 +395,16 @@ def parse_args(argv):
                              "medial-temporal and 1.2 mm temporo-parietal cortical loss)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     parser.add_argument("--lesions", action="store_true", help="add focal T1-hypointense white-matter lesions")
+    defaults = ScannerModel()
+    parser.add_argument("--csf_signal", type=float, default=defaults.csf_signal,
+                        help="mean CSF intensity of the subjects' T1 contrast curves (white matter about 0.86): "
+                             "higher = less CSF contrast")
+    parser.add_argument("--gamma_sd", type=float, default=defaults.gamma_sd,
+                        help="spread (sd of log gamma) of the subjects' intensity gamma")
+    parser.add_argument("--noise", type=float, nargs=2, default=defaults.noise, metavar=("LOW", "HIGH"),
+                        help="range of the subjects' Rician noise sigma")
+    parser.add_argument("--bias", type=float, default=defaults.bias,
+                        help="amplitude of the subjects' smooth log bias field")
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace a cohort already in out_dir ({', '.join(WRITTEN)}); other files are kept")
     parser.add_argument("--nifti", action="store_true",
@@ -395,7 +419,8 @@ def run(argv=None):
     started = time.time()
     rows = make_cohort(args.out_dir, args.mixed, args.disease_share, args.healthy, args.test_pos, args.test_neg,
                        args.image_size, args.slices, tuple(args.severity), args.seed, args.lesions, args.overwrite,
-                       nifti=args.nifti)
+                       nifti=args.nifti, scanner_model=ScannerModel(args.csf_signal, args.gamma_sd,
+                                                                    tuple(args.noise), args.bias))
     if args.contact_sheet:
         contact_sheet(args.contact_sheet, image_size=args.image_size)
     subjects = len({row["pid"] for row in rows})

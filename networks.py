@@ -7,6 +7,7 @@ import torch
 
 import checkpoint as ckpt
 import distributed
+import intensity_correction
 from diffusion_refiner import REFINER_ARCHITECTURE_FLAGS, RefinerUNet, ResidualDiffusion
 from errors import UserError
 from model import ARCHITECTURE_FLAGS, Discriminator, Generator
@@ -14,7 +15,7 @@ from model import ARCHITECTURE_FLAGS, Discriminator, Generator
 
 def build_stage1(runtime, config):
     generator = runtime.prepare(Generator(config.in_channels, config.g_conv_dim, config.g_repeat_num,
-                                          config.map_init == "zero"))
+                                          config.map_init != "default", config.map_init == "identity"))
     critic = runtime.prepare(Discriminator(config.in_channels, config.d_conv_dim, config.d_repeat_num))
     return generator, critic
 
@@ -62,54 +63,63 @@ def load_generator(runtime, config, iteration):
     config = ckpt.reconciled_config(config, saved["config"], ARCHITECTURE_FLAGS, path)
     # stage 2 and scoring run as the run trained (a checkpoint from before the choice was recorded: resolved here)
     config = runtime.settle_fast_path(config, saved["config"])
-    generator = Generator(config.in_channels, config.g_conv_dim, config.g_repeat_num)
+    generator = Generator(config.in_channels, config.g_conv_dim, config.g_repeat_num,
+                          identity_map=config.map_init == "identity")
     generator.load_state_dict(saved["state_dict"])
     return runtime.compiled(runtime.prepare(generator).eval().requires_grad_(False)), config, saved["config"]
 
 
 def load_refiner(runtime, config, iteration):
-    """(refiner of checkpoint ITER per --refiner: None to score with x_c, or the EMA refiner in eval mode;
-    config with its architecture). auto also scores with x_c when stage 2's held-out check found that the
-    refiner does not help."""
+    """(refiner of checkpoint ITER per --refiner: None to score without it, or the EMA refiner in eval mode;
+    config with its architecture; the reconstruction to score with when there is no refiner: coarse, or
+    calibrated for --refiner calibrate). auto also scores without the refiner when stage 2's held-out check found
+    that it does not help: then with the reconstruction the check found better of x_c and f(x_c)."""
     path = model_path(config, iteration, "R")
     choice = config.refiner
-    if choice == "off" or (choice == "auto" and not os.path.isfile(path)):
-        return None, config
+    if choice in ("off", "calibrate") or (choice == "auto" and not os.path.isfile(path)):
+        return None, config, "calibrated" if choice == "calibrate" else "coarse"
     if not os.path.isfile(path):
         raise UserError(f"--refiner on, but there is no refiner checkpoint {path} for iteration {iteration}.\n"
                         f"Fix: train stage 2 for it (python main.py --mode train_refiner --refine_from "
-                        f"{iteration} ...), or score without it (--refiner off).")
+                        f"{iteration} ...), or score without it (--refiner off or --refiner calibrate).")
     saved = ckpt.load(path)
     check = saved.get("holdout_check")
     if choice == "auto" and check is not None and not check["refiner_helps"]:
-        aucp = (f"; AUCp against the mixed set {check['aucp_refined']:.4f} vs {check['aucp_coarse']:.4f}"
-                if "aucp_refined" in check else "")  # checks written before the AUCp comparison have no AUCp
-        distributed.main_print(
-            f"WARNING: the refiner of checkpoint {iteration} failed its held-out check (held-out known-healthy "
-            f"error {check['refined_error']:.5f} vs {check['coarse_error']:.5f} with x_c{aucp}), so --refiner auto "
-            f"scores with the coarse reconstruction x_c. --refiner on forces the refiner.")
-        return None, config
+        fallback = check.get("fallback", "coarse")  # checks written before the calibrated bar fell back to x_c
+        distributed.main_print(f"WARNING: the refiner of checkpoint {iteration} failed its held-out check "
+                               f"({describe_check(check)}), so --refiner auto scores with the {fallback} "
+                               f"reconstruction. --refiner on forces the refiner.")
+        return None, config, fallback
     config = ckpt.reconciled_config(config, saved["config"], REFINER_ARCHITECTURE_FLAGS, path)
     diffusion = build_refiner(runtime, config)
     diffusion.load_state_dict(saved["state_dict"])
     diffusion.holdout_check = check  # reported beside the protocol results
-    return diffusion.eval().requires_grad_(False), config
+    return diffusion.eval().requires_grad_(False), config, "refined"
+
+
+def describe_check(check):
+    """One line of stage 2's held-out check: the error and AUCp of each reconstruction it compared."""
+    names = [name for name in ("coarse", "calibrated", "refined") if f"{name}_error" in check]
+    error = ", ".join(f"{name} {check[f'{name}_error']:.5f}" for name in names)
+    aucp = ", ".join(f"{name} {check[f'aucp_{name}']:.4f}" for name in names if f"aucp_{name}" in check)
+    return f"held-out known-healthy error {error}" + (f"; AUCp against the mixed set {aucp}" if aucp else "")
 
 
 class ScoringNetworks(NamedTuple):
-    """What scoring needs of checkpoint ITER: G, the refiner (None: score with x_c) and the matching config."""
+    """What scoring needs of checkpoint ITER: G, the refiner (None: score without it), the intensity correction f
+    (scores with f(x_c) are computed beside the others), the matching config, and the reconstruction the anomaly
+    maps and scores use: refined (x_r), calibrated (f(x_c)) or coarse (x_c)."""
     iteration: int
     generator: torch.nn.Module
     refiner: Optional[ResidualDiffusion]
     config: object  # the caller's config with the checkpoints' architecture
     training_config: dict  # the config stage 1 was trained with (its image_dir holds the known-healthy set)
-
-    @property
-    def reconstruction(self):
-        return "coarse" if self.refiner is None else "refined"
+    correction: Optional[intensity_correction.IntensityCorrection] = None
+    reconstruction: str = "coarse"
 
 
 def load_for_scoring(runtime, config, iteration):
     generator, config, training_config = load_generator(runtime, config, iteration)
-    refiner, config = load_refiner(runtime, config, iteration)
-    return ScoringNetworks(iteration, generator, refiner, config, training_config)
+    refiner, config, reconstruction = load_refiner(runtime, config, iteration)
+    correction = intensity_correction.for_checkpoint(runtime, config, iteration, generator, training_config)
+    return ScoringNetworks(iteration, generator, refiner, config, training_config, correction, reconstruction)

@@ -104,7 +104,8 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     healthy_maps = scoring.HealthyMapScale(labels) if protocol.healthy_reference else None
     if healthy_maps is not None:
         consumers.append(healthy_maps)
-    scores = scoring.score_slices(runtime, networks, paths, consumers)
+    beside = [scoring.ReconstructionScores(len(paths), c.score_region, other) for other in side_reconstructions(networks)]
+    scores = scoring.score_slices(runtime, networks, paths, consumers + beside)
     pids = [data_loader.patient_id(p) for p in paths]
     patients = metrics.aggregate_patients(pids, scores, labels)
     result = {"protocol": name, "checkpoint": iteration, "reconstruction": reconstruction,
@@ -112,6 +113,10 @@ def score_protocol(runtime, networks, name, paths, labels, started):
               **metrics.evaluate(patients["label"], patients["score"]),
               "n_patients": len(patients["pid"]), "n_slices": len(paths),
               "slice_auroc": metrics.slice_auroc(pids, scores, labels)}
+    # the same slices scored with the other reconstructions, in the same pass: how much of the AUC is the tanh
+    # head's per-intensity error (coarse against calibrated), and what the refiner adds (refined against both)
+    result["auc_by_reconstruction"] = {reconstruction: result["auc"], **{
+        other.reconstruction: metrics.patient_auc(pids, other.scores, labels) for other in beside}}
     result["threshold_note"] = "sensitivity = specificity point, fitted on these same labels (optimistic)"
     if networks.refiner is not None:
         result.update(ddim_steps=c.ddim_steps, refiner_samples=c.refiner_samples,
@@ -158,6 +163,13 @@ def add_optional_metrics(result, name, compute):
         result.update(compute())
     except ValueError as err:
         result.setdefault("not_computed", {})[name] = str(err)
+
+
+def side_reconstructions(networks):
+    """The reconstructions scored beside the one the networks score with: coarse x_c, and f(x_c) where the
+    networks have an intensity correction."""
+    others = ["coarse"] + (["calibrated"] if networks.correction is not None else [])
+    return [other for other in others if other != networks.reconstruction]
 
 
 def known_healthy_reference(runtime, networks):
@@ -210,27 +222,38 @@ def checkpoint_sweep(runtime, config, name):
     for iteration in tqdm(iterations, desc=f"{name} over checkpoints", unit="ckpt", disable=not runtime.is_main):
         result = run_protocol(runtime, c, name, iteration)
         table.append({"iteration": iteration, "reconstruction": result["reconstruction"],
-                      "auc": result["auc"], "n_patients": result["n_patients"]})
+                      "auc": result["auc"], "n_patients": result["n_patients"],
+                      **{f"auc_{k}": v for k, v in result["auc_by_reconstruction"].items()}})
     if not runtime.is_main:
         return table
     summary = {"protocol": name, "table": table}
+    others = [key for key in table[0] if key.startswith("auc_") and key != f"auc_{table[0]['reconstruction']}"]
     print(f"\n{protocol.title} AUC by checkpoint")
-    print(f"{'iteration':>10}  {'reconstruction':>14}  {'AUC':>7}")
+    print(f"{'iteration':>10}  {'reconstruction':>14}  {'AUC':>7}" + "".join(f"  {k[4:]:>10}" for k in others))
     for row in table:
-        print(f"{row['iteration']:>10}  {row['reconstruction']:>14}  {row['auc']:7.4f}")
+        print(f"{row['iteration']:>10}  {row['reconstruction']:>14}  {row['auc']:7.4f}"
+              + "".join(f"  {row[k]:10.4f}" for k in others))
     if protocol.label_free:
-        best = best_checkpoint(table)
-        summary["best_iteration"] = best
-        print(f"Best checkpoint by AUCp (no disease labels used): {best} "
-              f"(AUCp {max(row['auc'] for row in table):.4f})")
+        best, best_reconstruction, best_aucp = best_checkpoint(table, with_reconstruction=True)
+        summary.update(best_iteration=best, best_reconstruction=best_reconstruction)
+        print(f"Best checkpoint by AUCp (no disease labels used): {best} with the {best_reconstruction} "
+              f"reconstruction (AUCp {best_aucp:.4f})")
     run_layout.write_json(summary, run_layout.sweep_table(c.result_dir, name, "json"))
     run_layout.write_csv(table, run_layout.sweep_table(c.result_dir, name, "csv"))
     return table
 
 
-def best_checkpoint(table):
-    """The iteration of the highest AUC in a checkpoint_sweep table (the first one on a tie)."""
-    return max(table, key=lambda row: row["auc"])["iteration"]
+def best_checkpoint(table, with_reconstruction=False):
+    """The iteration of the highest AUC in a checkpoint_sweep table (the first one on a tie), over the AUC of the
+    reconstruction each row was scored with and, where the row has it, the intensity-corrected one
+    (auc_calibrated; on a tie the row's own reconstruction). with_reconstruction: (iteration, reconstruction,
+    AUC) instead."""
+    candidates = [(row["auc"], -position, 1, row["iteration"], row["reconstruction"])
+                  for position, row in enumerate(table)]
+    candidates += [(row["auc_calibrated"], -position, 0, row["iteration"], "calibrated")
+                   for position, row in enumerate(table) if "auc_calibrated" in row]
+    auc, _, _, iteration, reconstruction = max(candidates)
+    return (iteration, reconstruction, auc) if with_reconstruction else iteration
 
 
 def print_result(result, out_dir):

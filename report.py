@@ -21,17 +21,25 @@ def read_json(path):
 
 
 def summary_rows(image_dir, run_dir, iteration):
-    """(name, {protocol: value or None}) rows: refined, coarse and the CSF baseline. A refined row of a refiner
-    that failed stage 2's held-out check carries a "note": --refiner auto scores such a checkpoint coarse."""
+    """(name, {protocol: value or None}) rows: refined, calibrated, coarse and the CSF baseline. A reconstruction
+    that was not scored on its own still gets its AUC where another run of the protocol scored it beside
+    (auc_by_reconstruction); pixel metrics only come from its own run. A refined row of a refiner that failed
+    stage 2's held-out check carries a "note": --refiner auto does not score with it."""
     rows = []
     result_dir = run_layout.default_folder(run_dir, "result_dir")
     check = read_json(run_layout.refiner_check(result_dir, iteration))
+    results = {reconstruction: {p: read_json(run_layout.CheckpointResults(result_dir, iteration, reconstruction)
+                                             .protocol_json(p)) for p in PROTOCOL_SETS}
+               for reconstruction in run_layout.RECONSTRUCTIONS}
     for reconstruction in run_layout.RECONSTRUCTIONS:
-        files = run_layout.CheckpointResults(result_dir, iteration, reconstruction)
-        results = {p: read_json(files.protocol_json(p)) for p in PROTOCOL_SETS}
-        if any(results.values()):
-            values = {p: r["auc"] if r else None for p, r in results.items()}
-            inductive = results["inductive"] or {}
+        values = {}
+        for p in PROTOCOL_SETS:
+            beside = [r[p]["auc_by_reconstruction"][reconstruction] for r in results.values()
+                      if r[p] and reconstruction in r[p].get("auc_by_reconstruction", {})]
+            own = results[reconstruction][p]
+            values[p] = own["auc"] if own else (beside[0] if beside else None)
+        if any(v is not None for v in values.values()):
+            inductive = results[reconstruction]["inductive"] or {}
             values.update({k: inductive.get(k) for k in ("pixel_auroc", "best_dice")})
             if reconstruction == "refined" and check and not check["refiner_helps"]:
                 values["note"] = REFINER_NOT_USED  # scored with --refiner on to show what it did
@@ -57,8 +65,9 @@ def print_table(rows):
 
 
 def learning_curve(run_dir, iteration=None):
-    """Plot AUCp (label-free) and inductive AUC of every stage-1 checkpoint (coarse x_c), with the refined
-    reconstruction's values at the checkpoint stage 2 refined (ITER), when the sweeps exist."""
+    """Plot AUCp (label-free) and inductive AUC of every stage-1 checkpoint (coarse x_c and intensity-corrected
+    f(x_c)), with the refined reconstruction's values at the checkpoint stage 2 refined (ITER), when the sweeps
+    exist."""
     result_dir = run_layout.default_folder(run_dir, "result_dir")
     sweeps = {name: read_json(run_layout.sweep_table(result_dir, name, "json")) for name in ("aucp", "inductive")}
     if not sweeps["aucp"]:
@@ -66,9 +75,12 @@ def learning_curve(run_dir, iteration=None):
     iterations = [row["iteration"] for row in sweeps["aucp"]["table"]]
     curves = {}
     for name, label in (("aucp", "AUCp (no labels)"), ("inductive", "inductive AUC")):
-        if sweeps[name]:
-            coarse = {row["iteration"]: row["auc"] for row in sweeps[name]["table"] if row["reconstruction"] == "coarse"}
-            curves[f"{label}, coarse"] = [coarse.get(i) for i in iterations]
+        for reconstruction in ("coarse", "calibrated"):  # the sweeps scored with x_c report f(x_c) beside it
+            if sweeps[name]:
+                by_iteration = {row["iteration"]: row.get(f"auc_{reconstruction}", row["auc"] if row["reconstruction"]
+                                                          == reconstruction else None) for row in sweeps[name]["table"]}
+                if any(v is not None for v in by_iteration.values()):
+                    curves[f"{label}, {reconstruction}"] = [by_iteration.get(i) for i in iterations]
         if iteration is not None:
             refined = read_json(run_layout.CheckpointResults(result_dir, iteration, "refined").protocol_json(name))
             if refined:

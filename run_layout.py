@@ -4,10 +4,10 @@ score mode, read by report.py.
 RUN_DIR/
     models/   logs/   samples/                        (the default --model_save_dir, --log_dir, --sample_dir)
     results/                                          (the default --result_dir)
-        ITER/{refined,coarse}/PROTOCOL.{json,csv}, PROTOCOL_roc.png, PROTOCOL_scores.png, maps_PROTOCOL/
-        ITER/{refined,coarse}/healthy_reference.json  (the AUCp run's known-healthy patient scores)
+        ITER/{refined,calibrated,coarse}/PROTOCOL.{json,csv}, PROTOCOL_roc.png, PROTOCOL_scores.png, maps_PROTOCOL/
+        ITER/{refined,calibrated,coarse}/healthy_reference.json  (the AUCp run's known-healthy patient scores)
         ITER/refiner_check.json                       (stage 2's check on held-out known-healthy slices)
-        ITER/{refined,coarse}/scores_FOLDER.csv, maps_score_FOLDER/   (score mode)
+        ITER/{refined,calibrated,coarse}/scores_FOLDER.csv, maps_score_FOLDER/   (score mode)
         aucp_selection.{json,csv}, inductive_by_iteration.{json,csv}, transductive_by_iteration.{json,csv}
         learning_curve.png
 """
@@ -20,7 +20,7 @@ from errors import UserError
 
 # config key -> its default folder under --run_dir
 RUN_FOLDERS = {"log_dir": "logs", "model_save_dir": "models", "sample_dir": "samples", "result_dir": "results"}
-RECONSTRUCTIONS = ("refined", "coarse")
+RECONSTRUCTIONS = ("refined", "calibrated", "coarse")
 # per protocol, the table of its run over every checkpoint (AUCp's is the label-free checkpoint selection)
 SWEEP_NAMES = {"inductive": "inductive_by_iteration", "transductive": "transductive_by_iteration",
                "aucp": "aucp_selection"}

@@ -1,6 +1,8 @@
-"""Scoring, one path for every protocol and for score mode: each slice's healthy reconstruction (coarse
-x_c = tanh(x + G(x)), refined x_r = x_c + r_hat when a refiner is loaded), its anomaly map |x - x_r| / 2 and
-its slice score, the map's mean inside the head (--score_region, metrics.slice_scores), in [0, 1].
+"""Scoring, one path for every protocol and for score mode: each slice's healthy reconstructions (coarse
+x_c = tanh(x + G(x)); calibrated f(x_c), the intensity correction of intensity_correction.py; refined
+x_r = x_c + r_hat when a refiner is loaded), the anomaly map |x - reconstruction| / 2 of the one the networks
+score with (ScoringNetworks.reconstruction) and its slice score, the map's mean inside the head (--score_region,
+metrics.slice_scores), in [0, 1]. ReconstructionScores adds the other reconstructions' slice scores beside it.
 
 scored_batches yields what scoring computes, batch by batch; score_slices collects the slice scores and hands
 each batch to consumers, such as pixel_metrics_consumer, HealthyMapScale and AnomalyPanels below. anomaly_maps
@@ -49,9 +51,14 @@ class ScoredBatch(NamedTuple):
     index: np.ndarray  # positions of these slices in the scored list of paths
     x: torch.Tensor
     coarse: torch.Tensor
-    refined: Optional[torch.Tensor]  # None when scoring with x_c alone
-    anomaly_map: torch.Tensor  # |x - x_r| / 2, channels averaged: (batch, height, width)
+    refined: Optional[torch.Tensor]  # None without a refiner
+    anomaly_map: torch.Tensor  # |x - reconstruction| / 2, channels averaged: (batch, height, width)
     scores: np.ndarray  # slice scores (float64), the anomaly map's mean over --score_region
+    calibrated: Optional[torch.Tensor] = None  # f(x_c), None without an intensity correction
+
+    def reconstruction(self, name):
+        """The batch's reconstruction called name (coarse, calibrated or refined)."""
+        return {"coarse": self.coarse, "calibrated": self.calibrated, "refined": self.refined}[name]
 
 
 def map_and_scores(x, reconstruction, region):
@@ -68,8 +75,10 @@ def score_batch(runtime, networks, x, names, index):
     noises = () if networks.refiner is None else [slice_noise(names, x.shape[1:], c.seed + k)
                                                   for k in range(c.refiner_samples)]
     coarse, refined = reconstruct(runtime, c, x, networks.generator, networks.refiner, noises)
-    anomaly_map, scores = map_and_scores(x, coarse if refined is None else refined, c.score_region)
-    return ScoredBatch(np.asarray(index), x, coarse, refined, anomaly_map, scores)
+    calibrated = None if networks.correction is None else networks.correction(coarse)
+    batch = ScoredBatch(np.asarray(index), x, coarse, refined, None, None, calibrated)
+    anomaly_map, scores = map_and_scores(x, batch.reconstruction(networks.reconstruction), c.score_region)
+    return batch._replace(anomaly_map=anomaly_map, scores=scores)
 
 
 @torch.inference_mode()
@@ -119,15 +128,15 @@ def score_slices(runtime, networks, paths, consumers=()):
     return scores
 
 
-class CoarseScores:
-    """Consumer: each slice's score with the coarse reconstruction x_c, beside the refined ones score_slices
-    returns (one pass scores both); `scores` holds all the slices' on every rank after merge_ranks."""
+class ReconstructionScores:
+    """Consumer: each slice's score with another reconstruction (coarse or calibrated) beside the ones
+    score_slices returns (one pass scores all); `scores` holds all the slices' on every rank after merge_ranks."""
 
-    def __init__(self, n_slices, region):
-        self.scores, self.region, self.mine = np.zeros(n_slices), region, []
+    def __init__(self, n_slices, region, reconstruction="coarse"):
+        self.scores, self.region, self.reconstruction, self.mine = np.zeros(n_slices), region, reconstruction, []
 
     def __call__(self, batch):
-        self.scores[batch.index] = map_and_scores(batch.x, batch.coarse, self.region)[1]
+        self.scores[batch.index] = map_and_scores(batch.x, batch.reconstruction(self.reconstruction), self.region)[1]
         self.mine.append(batch.index)
 
     def merge_ranks(self):

@@ -13,6 +13,7 @@ from tqdm import tqdm
 import checkpoint as ckpt
 import data_loader
 import distributed
+import intensity_correction
 import metrics
 import run_layout
 import scoring
@@ -21,7 +22,8 @@ from diffusion_refiner import REFINER_ARCHITECTURE_FLAGS
 from ema import EMA
 from errors import UserError
 from model import healthy_reconstruction
-from networks import ScoringNetworks, build_refiner, load_generator, model_path, resolve_iteration, saved_config
+from networks import (ScoringNetworks, build_refiner, describe_check, load_generator, model_path, resolve_iteration,
+                      saved_config)
 from protocols import best_checkpoint, checkpoint_sweep
 from speed import FiniteCheck, adam
 from training_log import TrainingLogger
@@ -76,50 +78,60 @@ def refiner_step(runtime, generator, diffusion, optimizer, x, noise_generator):
 
 
 @torch.no_grad()
-def holdout_check(runtime, config, iteration, generator, refiner, paths):
+def holdout_check(runtime, config, iteration, generator, refiner, paths, correction=None):
     """The label-free guard, on the known-healthy slices `paths` that neither stage trained on: does x_r
-    reconstruct them better than x_c (mean |x - x_c|/2 against mean |x - x_r|/2, scored as the protocols score),
-    and does the refined score separate them from the mixed set at least as well as the coarse one (AUCp)? A
-    refiner that learns what the GAN gets wrong on healthy brains passes both; one that also erases the part of the
-    GAN's residual that tracks disease lowers the error but loses AUCp. Every rank gets the check."""
+    reconstruct them better than the bar (mean |x - bar|/2 against mean |x - x_r|/2, scored as the protocols
+    score), and does the refined score separate them from the mixed set at least as well as every reconstruction
+    without the refiner (AUCp)? The bar is the intensity-corrected f(x_c) where a correction is given (the
+    cheapest correction of x_c: a refiner that cannot beat it is not worth its cost), else x_c. A refiner that
+    learns what the GAN gets wrong on healthy brains passes; one that also erases the part of the GAN's residual
+    that tracks disease lowers the error but loses AUCp. `fallback` is the reconstruction without the refiner
+    that separates best (AUCp), the one --refiner auto scores with when the refiner fails. Every rank gets the
+    check."""
     if not paths:
         return None
     mixed = data_loader.mixed_set_paths(config.image_dir)
     scored = paths + mixed
-    networks = ScoringNetworks(iteration, generator, refiner, config, {})
-    coarse = scoring.CoarseScores(len(scored), config.score_region)
-    refined = scoring.score_slices(runtime, networks, scored, [coarse])  # one pass: x_c and x_r of every slice
+    networks = ScoringNetworks(iteration, generator, refiner, config, {}, correction, "refined")
+    beside = {name: scoring.ReconstructionScores(len(scored), config.score_region, name)
+              for name in ("coarse", "calibrated") if name == "coarse" or correction is not None}
+    scores = {"refined": scoring.score_slices(runtime, networks, scored, list(beside.values())),  # one pass
+              **{name: consumer.scores for name, consumer in beside.items()}}
     pids, labels = [data_loader.patient_id(p) for p in scored], [0] * len(paths) + [1] * len(mixed)
-    aucp = {"coarse": metrics.patient_auc(pids, coarse.scores, labels),
-            "refined": metrics.patient_auc(pids, refined, labels)}
-    coarse_error, refined_error = float(coarse.scores[:len(paths)].mean()), float(refined[:len(paths)].mean())
-    return {"held_out_slices": len(paths), "held_out_patients": len({data_loader.patient_id(p) for p in paths}),
-            "coarse_error": coarse_error, "refined_error": refined_error,
-            "aucp_coarse": aucp["coarse"], "aucp_refined": aucp["refined"],
-            "refiner_helps": refined_error < coarse_error and aucp["refined"] >= aucp["coarse"],
-            "ddim_steps": config.ddim_steps, "refiner_samples": config.refiner_samples}
+    check = {"held_out_slices": len(paths), "held_out_patients": len({data_loader.patient_id(p) for p in paths})}
+    for name, values in scores.items():
+        check[f"{name}_error"] = float(values[:len(paths)].mean())
+        check[f"aucp_{name}"] = metrics.patient_auc(pids, values, labels)
+    bar = "calibrated" if correction is not None else "coarse"
+    without = [name for name in beside]
+    check.update(bar=bar, fallback=max(without, key=lambda name: (check[f"aucp_{name}"], name == "coarse")),
+                 refiner_helps=check["refined_error"] < check[f"{bar}_error"]
+                 and all(check["aucp_refined"] >= check[f"aucp_{name}"] for name in without),
+                 ddim_steps=config.ddim_steps, refiner_samples=config.refiner_samples)
+    return check
 
 
 def report_holdout_check(check, config, iteration):
     if check is None:
         print("Refiner check skipped: train/neg has a single patient, so none could be held out.")
         return
-    change = 100 * (check["refined_error"] / check["coarse_error"] - 1)
+    bar = check.get("bar", "coarse")
+    change = 100 * (check["refined_error"] / check[f"{bar}_error"] - 1)
     print(f"Refiner check on {check['held_out_slices']} held-out known-healthy slices ({check['held_out_patients']} "
-          f"patients never trained on): mean |x - x_c|/2 = {check['coarse_error']:.5f}, mean |x - x_r|/2 = "
-          f"{check['refined_error']:.5f} ({change:+.1f}%); AUCp against the mixed set: coarse "
-          f"{check['aucp_coarse']:.4f}, refined {check['aucp_refined']:.4f}.")
-    if check["refined_error"] >= check["coarse_error"]:
-        print("WARNING: the refiner does NOT lower the reconstruction error of healthy slices it has not seen, so it "
-              "would add error, not remove the GAN's artifacts.")
-    if check["aucp_refined"] < check["aucp_coarse"]:
+          f"patients never trained on): {describe_check(check)}; refined error {change:+.1f}% against {bar}.")
+    if check["refined_error"] >= check[f"{bar}_error"]:
+        print(f"WARNING: the refiner does NOT reconstruct healthy slices it has not seen better than the {bar} "
+              f"reconstruction, so it would add error, not remove the GAN's artifacts.")
+    without = [name for name in ("coarse", "calibrated") if f"aucp_{name}" in check]
+    if any(check["aucp_refined"] < check[f"aucp_{name}"] for name in without):
         print("WARNING: the refined score separates the held-out healthy patients from the mixed set LESS well than "
-              "the coarse one (AUCp), so the refiner would blur the disease signal: it also removes part of the "
-              "GAN's residual that tracks disease.")
+              "a reconstruction without the refiner (AUCp), so the refiner would blur the disease signal: it also "
+              "removes part of the GAN's residual that tracks disease.")
     if not check["refiner_helps"]:
-        print(f"--refiner auto will score checkpoint {iteration} with the coarse reconstruction x_c (--refiner on "
-              f"forces the refiner).\nFix: train stage 2 longer (--refiner_iters) or wider (--refiner_dim), or stage 1 "
-              f"longer (a GAN that heals more leaves the refiner only its artifacts to learn).")
+        print(f"--refiner auto will score checkpoint {iteration} with the {check.get('fallback', 'coarse')} "
+              f"reconstruction (--refiner on forces the refiner).\nFix: train stage 2 longer (--refiner_iters) or "
+              f"wider (--refiner_dim), or stage 1 longer (a GAN that heals more leaves the refiner only its "
+              f"artifacts to learn).")
     run_layout.write_json({"checkpoint": iteration, **check},
                           run_layout.refiner_check(config.result_dir, iteration))
 
@@ -227,7 +239,8 @@ def train_refiner(runtime, config):
             save_stage2(c, iteration, step, diffusion, ema, optimizer, healthy, noise_generator)
     finite.check()
     logger.close()
-    check = holdout_check(runtime, c, iteration, generator, ema.model, held_out)  # every rank scores its shard
+    correction = intensity_correction.for_checkpoint(runtime, c, iteration, generator, trained_with)
+    check = holdout_check(runtime, c, iteration, generator, ema.model, held_out, correction)  # every rank: its shard
     if not writes:
         return
     save_stage2(c, iteration, c.refiner_iters, diffusion, ema, optimizer, healthy, noise_generator, check, final=True)

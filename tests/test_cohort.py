@@ -8,7 +8,7 @@ from PIL import Image
 
 from data_loader import patient_id
 from errors import UserError
-from make_cohort import FOLDERS, load_template, make_cohort, render_subject
+from make_cohort import FOLDERS, ScannerModel, load_template, make_cohort, render_subject
 
 TINY = dict(mixed=4, disease_share=0.5, healthy=2, test_pos=1, test_neg=1, image_size=32, n_slices=2,
             severity=(0.6, 0.9), progress=False)
@@ -102,6 +102,19 @@ def test_disease_changes_the_subject_only_inside_its_mask(seed, lesions):
     # Atrophy replaces tissue by CSF, which is dark on T1.
     assert diseased["image"][mask].mean() < healthy["image"][mask].mean() - 0.1
     assert mask[~diseased["brain"]].sum() == 0
+
+
+def test_the_intensity_model_changes_intensities_and_leaves_anatomy_alone():
+    template = load_template()
+    default = render_subject(template, 21, 0.8, image_size=48, n_slices=3)
+    other = render_subject(template, 21, 0.8, image_size=48, n_slices=3,
+                           scanner_model=ScannerModel(csf_signal=0.25, gamma_sd=0.3, noise=(0.0, 0.0), bias=0.0))
+    # the same subject: same brain and the same diseased pixels
+    np.testing.assert_array_equal(default["brain"], other["brain"])
+    np.testing.assert_array_equal(default["mask"], other["mask"])
+    # brighter CSF: the diseased pixels (tissue turned CSF) are lighter relative to the brain
+    relative = lambda render: render["image"][render["mask"]].mean() / render["image"][render["brain"]].mean()  # noqa
+    assert relative(other) > relative(default) + 0.1
 
 
 def test_refuses_a_non_empty_output_and_overwrite_keeps_other_files(tmp_path):

@@ -97,7 +97,8 @@ def refiner_args(root, run_dir, *extra):
 
 def score_args(root, run_dir, result_dir):
     return ["--mode", "score", "--image_dir", os.path.join(root, "test"), "--run_dir", run_dir, "--test_iters", "2",
-            *TINY_FLAGS, "--score_batch_size", "5", "--save_maps", "8", "--result_dir", result_dir]
+            *TINY_FLAGS, "--score_batch_size", "5", "--save_maps", "8", "--result_dir", result_dir,
+            "--refiner", "on"]
 
 
 def weights(path, key="state_dict"):

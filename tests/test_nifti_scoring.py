@@ -195,7 +195,7 @@ def test_score_sh_on_a_nifti_scan_writes_csv_map_and_overlay(toy_dataset, tmp_pa
     write(image, scans / "sub-01.nii.gz")
     write(nib.Nifti1Image(np.full(SHAPE, np.nan, np.float32), np.eye(4)), scans / "sub-nan.nii.gz")
     score = ["bash", f"{REPO}/score.sh", "Toy", "2"]
-    flags = ["--num_workers", "0", "--ddim_steps", "2", "--score_batch_size", "4"]
+    flags = ["--num_workers", "0", "--ddim_steps", "2", "--score_batch_size", "4", "--refiner", "on"]
     one = run([*score, "scans/sub-01.nii.gz", *flags], work)
     assert one.returncode == 0, one.stderr[-3000:]
     results = tmp_path / "runs/Toy/results/2/refined"

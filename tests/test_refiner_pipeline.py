@@ -20,12 +20,13 @@ def test_two_stages_refined_and_coarse_scoring_maps_and_new_scans(toy_dataset, t
     assert os.path.isfile(f"{models}/{best}-R.ckpt") and os.path.isfile(f"{models}/{best}-R-state.ckpt")
     assert f"runs/Toy/models/{best}-R.ckpt refines runs/Toy/models/{best}-G.ckpt" in train.stdout
 
-    # auto follows stage 2's held-out check: the refiner when it passed, else x_c with a warning.
+    # auto follows stage 2's held-out check: the refiner when it passed, else its fallback with a warning.
     check = json.load(open(f"{work}/runs/Toy/results/{best}/refiner_check.json"))
     auto = run(["bash", f"{REPO}/test_inductive.sh", "Toy", str(best), "--num_workers", "0", "--ddim_steps", "2"], work)
     assert auto.returncode == 0, auto.stderr[-3000:]
     assert ("failed its held-out check" in auto.stdout) != check["refiner_helps"]
-    assert f"({'refined' if check['refiner_helps'] else 'coarse'} reconstruction)" in auto.stdout
+    assert f"({'refined' if check['refiner_helps'] else check['fallback']} reconstruction)" in auto.stdout
+    assert check["bar"] == "calibrated" and check["fallback"] in ("coarse", "calibrated")
 
     # on: the refiner, whatever its check said; twice with the same seed, same scores.
     test = ["bash", f"{REPO}/test_inductive.sh", "Toy", str(best), "--num_workers", "0", "--ddim_steps", "2",

@@ -38,12 +38,16 @@ def test_report_reads_the_files_the_protocols_write(toy_dataset, tmp_path):
         ckpt.atomic_save({"state_dict": generator.state_dict(), "config": saved_config(config)},
                          model_path(config, iteration, "G"))
     runtime = Runtime(config)
-    written = {name: protocols.run_protocol(runtime, config, name, 2)["auc"] for name in protocols.PROTOCOLS}
+    results = {name: protocols.run_protocol(runtime, config, name, 2) for name in protocols.PROTOCOLS}
+    written = {name: result["auc"] for name, result in results.items()}
     sweeps = {name: protocols.checkpoint_sweep(runtime, config, name) for name in ("aucp", "inductive")}
 
+    # the coarse run's files, and the intensity-corrected AUC each of them reports beside it
     rows = dict(report.summary_rows(toy_dataset, run_dir, 2))
-    assert list(rows) == ["Brainomaly-Diff, coarse (ckpt 2)"]
+    assert list(rows) == ["Brainomaly-Diff, calibrated (ckpt 2)", "Brainomaly-Diff, coarse (ckpt 2)"]
     assert {name: rows["Brainomaly-Diff, coarse (ckpt 2)"][name] for name in written} == written
+    assert {name: rows["Brainomaly-Diff, calibrated (ckpt 2)"][name] for name in written} == {
+        name: result["auc_by_reconstruction"]["calibrated"] for name, result in results.items()}
     curve = report.learning_curve(run_dir)
     assert curve == run_layout.learning_curve(config.result_dir)
     with open(run_layout.sweep_table(config.result_dir, "aucp", "json")) as f:
