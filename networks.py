@@ -115,7 +115,12 @@ class ScoringNetworks(NamedTuple):
     config: object  # the caller's config with the checkpoints' architecture
     training_config: dict  # the config stage 1 was trained with (its image_dir holds the known-healthy set)
     correction: Optional[intensity_correction.IntensityCorrection] = None
-    reconstruction: str = "coarse"
+    scoring_with: Optional[str] = None  # None: refined with a refiner, else coarse
+
+    @property
+    def reconstruction(self):
+        """The reconstruction the anomaly maps and scores use: refined, calibrated or coarse."""
+        return self.scoring_with or ("coarse" if self.refiner is None else "refined")
 
 
 def load_for_scoring(runtime, config, iteration):

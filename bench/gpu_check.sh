@@ -16,7 +16,7 @@
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+PYTHON=${BRAINOMALY_PYTHON:-${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}}
 device=${GPU_CHECK_DEVICE:-cuda}
 data=${GPU_CHECK_DATA:-data/Demo}
 out=${GPU_CHECK_OUT:-bench/results}

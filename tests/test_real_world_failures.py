@@ -49,8 +49,8 @@ def read_json(path):
 
 
 def protocol_result(run_dir, iteration, name):
-    """A protocol's JSON of checkpoint ITER, scored with the refiner or, where it failed its check, without."""
-    for reconstruction in ("refined", "coarse"):
+    """A protocol's JSON of checkpoint ITER, scored with the refiner or, where it failed its check, its fallback."""
+    for reconstruction in ("refined", "calibrated", "coarse"):
         path = f"{run_dir}/results/{iteration}/{reconstruction}/{name}.json"
         if os.path.isfile(path):
             return read_json(path)

@@ -179,7 +179,7 @@ def test_training_killed_at_random_moments_resumes_to_the_end(toy_dataset, tmp_p
     names = os.listdir(models)
     assert "60-G.ckpt" in names
     for name in names:
-        if name.endswith(".ckpt"):
+        if name.endswith(".ckpt") and not name.startswith("."):  # a hidden .NAME.tmpPID.ckpt: a killed write
             torch.load(f"{models}/{name}", weights_only=True)  # every checkpoint left behind loads
     # the killed and resumed run ends where one uninterrupted run of the same command ends
     one_run = str(tmp_path / "one_run")
