@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_loader import save_slice_png, slice_filename  # noqa: E402
@@ -44,3 +45,12 @@ def write_toy_dataset(root, seed=0):
 @pytest.fixture
 def toy_dataset(tmp_path):
     return write_toy_dataset(str(tmp_path / "data" / "Toy"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks run fastest on one thread (two fight over a loaded 2-core CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,15 +22,6 @@ CRITIC_FLAGS = ["--image_size", "16", "--g_conv_dim", "4", "--d_conv_dim", "4", 
                 "--d_repeat_num", "2", "--batch_size", "8", "--device", "cpu", "--lambda_gp", "10"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks run fastest on one thread (two fight over a loaded 2-core CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def stage1_networks(*flags):
     torch.manual_seed(0)
     config = main.parse_config([*CRITIC_FLAGS, *flags])

@@ -136,15 +136,6 @@ def healthy_residual(coarse):
     return 0.3 * torch.sin(6 * coarse)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks run fastest on one thread (two fight over a loaded 2-core CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_refiner_explains_the_healthy_residual_and_keeps_a_planted_blob(one_thread):
     torch.manual_seed(0)
     size, g = 16, torch.Generator().manual_seed(0)
