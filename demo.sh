@@ -45,7 +45,7 @@ else
   loader=(--num_workers 0)
   if $full; then
     # The healing point of the study at fixed wall-clock (docs/experiments.md): reference widths at 64 px,
-    # started at x_c = x so that what it scores is G's own change; it heals from about 2,800 iterations on.
+    # started at x_c = x so that what it scores is G's own change; it heals from 2,000-2,800 iterations on.
     stage1+=(--g_conv_dim 64 --d_conv_dim 64 --g_repeat_num 6 --d_repeat_num 5 --map_init identity
              --num_iters 3600 --model_save_step 400 --sample_step 400)
     stage2+=(--refiner_iters 1500)
