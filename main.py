@@ -2,6 +2,7 @@
 import argparse
 import sys
 
+import decisions
 import distributed
 import metrics
 import precision
@@ -111,9 +112,9 @@ def build_parser():
                    help="the reconstruction scores use: refined x_r (on), coarse x_c (off), or the intensity-corrected "
                         "f(x_c) (calibrate: a monotone per-intensity map fitted on the known-healthy slices stage 1 "
                         "trained on, which removes the tanh head's per-intensity error; label-free); auto = refined "
-                        "when <ITER>-R.ckpt exists and passed stage 2's held-out check, else the better of coarse "
-                        "and calibrated by that check's AUCp (coarse when there is no refiner). Every protocol also "
-                        "reports the coarse and calibrated AUC beside it")
+                        "when <ITER>-R.ckpt exists and passed stage 2's held-out check, else the reconstruction the "
+                        "check compared it with (the one the label-free pick chose; coarse when there is no "
+                        "refiner). Every protocol also reports the coarse and calibrated AUC beside it")
     r.add_argument("--refiner_iters", type=int, default=30000, help="stage-2 training iterations; 0 skips stage 2")
     r.add_argument("--refine_from", type=iteration_or_keyword("aucp"), default="aucp",
                    help="stage-1 checkpoint the refiner refines: an iteration, or 'aucp' to pick it by AUCp")
@@ -140,6 +141,16 @@ def build_parser():
                         "over the whole image (the reference's score)")
     e.add_argument("--score_batch_size", type=int, default=16,
                    help="slices per scoring batch (under torchrun whole batches are shared out among the ranks)")
+    e.add_argument("--select", choices=tuple(decisions.RULES), default=decisions.DEFAULT_RULE,
+                   help="label-free rule that picks the checkpoint (and reconstruction) from the AUCp of every "
+                        "checkpoint, each with a paired patient bootstrap: last_unless_beaten = the newest unless "
+                        "another is significantly better (corrected for the number of candidates); one_se = the "
+                        "newest within one standard error of the best; smoothed = the best AUCp averaged with its "
+                        "neighbouring checkpoints; max = the highest AUCp; last = the newest (docs/method.md "
+                        "compares them)")
+    e.add_argument("--select_candidates", choices=tuple(decisions.CANDIDATE_SETS), default=decisions.DEFAULT_CANDIDATES,
+                   help="reconstructions the pick may choose: coarse x_c only, or x_c and the intensity-corrected "
+                        "f(x_c)")
     e.add_argument("--rho", type=float, default=None, help="healthy share of the mixed set: turns AUCp into an AUC estimate")
     e.add_argument("--save_maps", type=int, default=0, help="write anomaly-map panels for the first K slices of each class")
     e.add_argument("--flag_percentile", type=float, default=95.0,

@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 import torch
 
 import checkpoint as ckpt
+import decisions
 import distributed
 import intensity_correction
 from diffusion_refiner import REFINER_ARCHITECTURE_FLAGS, RefinerUNet, ResidualDiffusion
@@ -71,38 +72,28 @@ def load_generator(runtime, config, iteration):
 
 def load_refiner(runtime, config, iteration):
     """(refiner of checkpoint ITER per --refiner: None to score without it, or the EMA refiner in eval mode;
-    config with its architecture; the reconstruction to score with when there is no refiner: coarse, or
-    calibrated for --refiner calibrate). auto also scores without the refiner when stage 2's held-out check found
-    that it does not help: then with the reconstruction the check found better of x_c and f(x_c)."""
+    config with its architecture; the reconstruction to score with: decisions.scored_reconstruction, from the
+    refiner checkpoint's recorded held-out check)."""
     path = model_path(config, iteration, "R")
-    choice = config.refiner
-    if choice in ("off", "calibrate") or (choice == "auto" and not os.path.isfile(path)):
-        return None, config, "calibrated" if choice == "calibrate" else "coarse"
-    if not os.path.isfile(path):
+    choice, has_refiner = config.refiner, os.path.isfile(path)
+    if choice == "on" and not has_refiner:
         raise UserError(f"--refiner on, but there is no refiner checkpoint {path} for iteration {iteration}.\n"
                         f"Fix: train stage 2 for it (python main.py --mode train_refiner --refine_from "
                         f"{iteration} ...), or score without it (--refiner off or --refiner calibrate).")
-    saved = ckpt.load(path)
-    check = saved.get("holdout_check")
-    if choice == "auto" and check is not None and not check["refiner_helps"]:
-        fallback = check.get("fallback", "coarse")  # checks written before the calibrated bar fell back to x_c
-        distributed.main_print(f"WARNING: the refiner of checkpoint {iteration} failed its held-out check "
-                               f"({describe_check(check)}), so --refiner auto scores with the {fallback} "
-                               f"reconstruction. --refiner on forces the refiner.")
-        return None, config, fallback
+    saved = ckpt.load(path) if has_refiner and choice in ("on", "auto") else None
+    check = saved.get("holdout_check") if saved else None
+    reconstruction = decisions.scored_reconstruction(choice, has_refiner, check)
+    if reconstruction != decisions.Reconstruction.REFINED:
+        if choice == "auto" and has_refiner:
+            distributed.main_print(f"WARNING: the refiner of checkpoint {iteration} failed its held-out check "
+                                   f"({decisions.describe_check(check)}), so --refiner auto scores with the "
+                                   f"{reconstruction} reconstruction. --refiner on forces the refiner.")
+        return None, config, str(reconstruction)
     config = ckpt.reconciled_config(config, saved["config"], REFINER_ARCHITECTURE_FLAGS, path)
     diffusion = build_refiner(runtime, config)
     diffusion.load_state_dict(saved["state_dict"])
     diffusion.holdout_check = check  # reported beside the protocol results
     return diffusion.eval().requires_grad_(False), config, "refined"
-
-
-def describe_check(check):
-    """One line of stage 2's held-out check: the error and AUCp of each reconstruction it compared."""
-    names = [name for name in ("coarse", "calibrated", "refined") if f"{name}_error" in check]
-    error = ", ".join(f"{name} {check[f'{name}_error']:.5f}" for name in names)
-    aucp = ", ".join(f"{name} {check[f'aucp_{name}']:.4f}" for name in names if f"aucp_{name}" in check)
-    return f"held-out known-healthy error {error}" + (f"; AUCp against the mixed set {aucp}" if aucp else "")
 
 
 class ScoringNetworks(NamedTuple):

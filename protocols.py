@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import data_loader
+import decisions
 import distributed
 import metrics
 import run_layout
@@ -117,6 +118,13 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     # head's per-intensity error (coarse against calibrated), and what the refiner adds (refined against both)
     result["auc_by_reconstruction"] = {reconstruction: result["auc"], **{
         other.reconstruction: metrics.patient_auc(pids, other.scores, labels) for other in beside}}
+    # every reconstruction's patient and slice scores: the label-free decisions bootstrap them (decisions.py)
+    by_reconstruction = {reconstruction: scores, **{other.reconstruction: other.scores for other in beside}}
+    result["patient_scores"] = {"pid": patients["pid"].tolist(), "label": patients["label"].tolist(),
+                                **{name: metrics.aggregate_patients(pids, values)["score"].tolist()
+                                   for name, values in by_reconstruction.items()}}
+    result["slice_scores"] = {"pid": pids, "label": [int(label) for label in labels],
+                              **{name: [float(v) for v in values] for name, values in by_reconstruction.items()}}
     result["threshold_note"] = "sensitivity = specificity point, fitted on these same labels (optimistic)"
     if networks.refiner is not None:
         result.update(ddim_steps=c.ddim_steps, refiner_samples=c.refiner_samples,
@@ -211,49 +219,101 @@ def test(runtime, config, name):
 
 
 def checkpoint_sweep(runtime, config, name):
-    """Run a protocol for every saved checkpoint; a label-free one (AUCp) names the best (no labels involved).
-    Returns the table on every rank; rank 0 alone prints and writes it."""
+    """Run a protocol for every saved checkpoint; over a label-free one (AUCp) the rule --select picks the
+    checkpoint and reconstruction to ship (no labels involved: decisions.py). Returns the table on every rank;
+    rank 0 alone prints and writes it."""
+    return sweep(runtime, config, name)["table"]
+
+
+def select_checkpoint(runtime, config):
+    """(iteration, reconstruction) the AUCp sweep over every checkpoint picks, without the refiner; every rank."""
+    summary = sweep(runtime, replace_config(config, refiner="off"), "aucp")
+    return summary["best_iteration"], summary["best_reconstruction"]
+
+
+def sweep(runtime, config, name):
+    """checkpoint_sweep's work: {"table": a row per checkpoint, and for AUCp the pick (decisions.selection_summary)},
+    the same on every rank (every rank gets every score)."""
     protocol, c = PROTOCOLS[name], config
     data_loader.protocol_slices(c.image_dir, name)  # fail on a missing folder before any scoring
     iterations = ckpt.saved_iterations(c.model_save_dir, "G")
     if not iterations:
         raise ckpt.missing_checkpoint_error(c.model_save_dir, "all", "G", "no checkpoint saved yet")
-    table = []
+    table, results = [], []
     for iteration in tqdm(iterations, desc=f"{name} over checkpoints", unit="ckpt", disable=not runtime.is_main):
         result = run_protocol(runtime, c, name, iteration)
+        results.append(result)
         table.append({"iteration": iteration, "reconstruction": result["reconstruction"],
                       "auc": result["auc"], "n_patients": result["n_patients"],
                       **{f"auc_{k}": v for k, v in result["auc_by_reconstruction"].items()}})
-    if not runtime.is_main:
-        return table
     summary = {"protocol": name, "table": table}
-    others = [key for key in table[0] if key.startswith("auc_") and key != f"auc_{table[0]['reconstruction']}"]
+    if protocol.label_free:
+        candidates = sweep_candidates(results, c.seed)
+        chosen = decisions.pick(candidates, c.select, c.select_candidates)
+        summary.update(decisions.selection_summary(candidates, chosen, c.select, c.select_candidates))
+    if not runtime.is_main:
+        return summary
+    if protocol.label_free:
+        print_selection(protocol, summary)
+    else:
+        print_sweep(protocol, table)
+    run_layout.write_json(summary, run_layout.sweep_table(c.result_dir, name, "json"))
+    run_layout.write_csv(table, run_layout.sweep_table(c.result_dir, name, "csv"))
+    return summary
+
+
+def sweep_candidates(results, seed):
+    """decisions.Candidate of every (checkpoint, reconstruction without the refiner) of an AUCp sweep, on one
+    paired bootstrap of its patients."""
+    first = results[0]["patient_scores"]
+    scores = {}
+    for result in results:
+        patients = result["patient_scores"]
+        if patients["pid"] != first["pid"]:
+            raise ValueError(f"checkpoint {result['checkpoint']} scored other patients than checkpoint "
+                             f"{results[0]['checkpoint']}: the candidates of one sweep share their patients")
+        for reconstruction in decisions.WITHOUT_REFINER:
+            if str(reconstruction) in patients:
+                scores[(result["checkpoint"], str(reconstruction))] = patients[str(reconstruction)]
+    return decisions.candidates_from_scores(first["label"], scores, seed=seed)
+
+
+def print_sweep(protocol, table):
+    others = sorted({key for row in table for key in row if key.startswith("auc_")} - {"auc_coarse"},
+                    key=lambda key: decisions.reconstruction_rank(key[4:]))
     print(f"\n{protocol.title} AUC by checkpoint")
     print(f"{'iteration':>10}  {'reconstruction':>14}  {'AUC':>7}" + "".join(f"  {k[4:]:>10}" for k in others))
     for row in table:
         print(f"{row['iteration']:>10}  {row['reconstruction']:>14}  {row['auc']:7.4f}"
-              + "".join(f"  {row[k]:10.4f}" for k in others))
-    if protocol.label_free:
-        best, best_reconstruction, best_aucp = best_checkpoint(table, with_reconstruction=True)
-        summary.update(best_iteration=best, best_reconstruction=best_reconstruction)
-        print(f"Best checkpoint by AUCp (no disease labels used): {best} with the {best_reconstruction} "
-              f"reconstruction (AUCp {best_aucp:.4f})")
-    run_layout.write_json(summary, run_layout.sweep_table(c.result_dir, name, "json"))
-    run_layout.write_csv(table, run_layout.sweep_table(c.result_dir, name, "csv"))
-    return table
+              + "".join(f"  {row[k]:10.4f}" if k in row else f"  {'':>10}" for k in others))
 
 
-def best_checkpoint(table, with_reconstruction=False):
-    """The iteration of the highest AUC in a checkpoint_sweep table (the first one on a tie), over the AUC of the
-    reconstruction each row was scored with and, where the row has it, the intensity-corrected one
-    (auc_calibrated; on a tie the row's own reconstruction). with_reconstruction: (iteration, reconstruction,
-    AUC) instead."""
-    candidates = [(row["auc"], -position, 1, row["iteration"], row["reconstruction"])
-                  for position, row in enumerate(table)]
-    candidates += [(row["auc_calibrated"], -position, 0, row["iteration"], "calibrated")
-                   for position, row in enumerate(table) if "auc_calibrated" in row]
-    auc, _, _, iteration, reconstruction = max(candidates)
-    return (iteration, reconstruction, auc) if with_reconstruction else iteration
+def print_selection(protocol, summary):
+    """The AUCp of every candidate with its bootstrap interval and its paired difference from the pick."""
+    confidence = round(100 * summary["bootstrap"]["confidence"])
+    print(f"\n{protocol.title} by checkpoint ({confidence}% intervals: paired patient bootstrap, "
+          f"{summary['bootstrap']['draws']} draws)")
+    print(f"{'iteration':>10}  {'reconstruction':>14}  {'AUCp':>7}  {'interval':>15}  {'minus the pick':>24}")
+    for row in summary["candidates"]:
+        chosen = row["iteration"] == summary["best_iteration"] and row["reconstruction"] == summary["best_reconstruction"]
+        difference = "(the pick)" if chosen else (f"{row['difference_from_pick']:+.3f} [{row['difference_low']:+.3f}, "
+                                                  f"{row['difference_high']:+.3f}]")
+        print(f"{row['iteration']:>10}  {row['reconstruction']:>14}  {row['aucp']:7.4f}  "
+              f"[{row['aucp_low']:.3f}, {row['aucp_high']:.3f}]  {difference:>24}")
+    print(f"Checkpoint picked by the {summary['rule']} rule (no disease labels used): {summary['best_iteration']} "
+          f"with the {summary['best_reconstruction']} reconstruction (AUCp {summary['best_aucp']:.4f}; "
+          f"--select names the rule, docs/method.md compares them)")
+
+
+def selected_checkpoint(result_dir):
+    """(iteration, reconstruction) of the last AUCp sweep's pick, or None before any sweep."""
+    path = run_layout.sweep_table(result_dir, "aucp", "json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    return (summary["best_iteration"], summary.get("best_reconstruction", "coarse")) if "best_iteration" in summary \
+        else None
 
 
 def print_result(result, out_dir):

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 
+import decisions
 import run_layout
 import visualize
 from data_loader import PROTOCOL_SETS
@@ -75,7 +76,7 @@ def learning_curve(run_dir, iteration=None):
     iterations = [row["iteration"] for row in sweeps["aucp"]["table"]]
     curves = {}
     for name, label in (("aucp", "AUCp (no labels)"), ("inductive", "inductive AUC")):
-        for reconstruction in ("coarse", "calibrated"):  # the sweeps scored with x_c report f(x_c) beside it
+        for reconstruction in map(str, decisions.WITHOUT_REFINER):  # the sweeps scored with x_c report f(x_c) beside it
             if sweeps[name]:
                 by_iteration = {row["iteration"]: row.get(f"auc_{reconstruction}", row["auc"] if row["reconstruction"]
                                                           == reconstruction else None) for row in sweeps[name]["table"]}
@@ -85,9 +86,28 @@ def learning_curve(run_dir, iteration=None):
             refined = read_json(run_layout.CheckpointResults(result_dir, iteration, "refined").protocol_json(name))
             if refined:
                 curves[f"{label}, refined"] = [refined["auc"] if i == iteration else None for i in iterations]
+    intervals, picked = aucp_intervals(sweeps["aucp"], iterations)
     path = run_layout.learning_curve(result_dir)
-    visualize.save_learning_curve(iterations, curves, path, "AUCp and inductive AUC by stage-1 checkpoint")
+    visualize.save_learning_curve(iterations, curves, path, "AUCp and inductive AUC by stage-1 checkpoint "
+                                  "(bands: AUCp's 95% bootstrap interval)", intervals, picked)
     return path
+
+
+def aucp_intervals(selection, iterations):
+    """({AUCp curve name: (lows, highs)}, (picked iteration, its curve name)) from an AUCp sweep's selection."""
+    rows = selection.get("candidates", [])
+    intervals = {}
+    for reconstruction in map(str, decisions.WITHOUT_REFINER):
+        by_iteration = {row["iteration"]: row for row in rows if row["reconstruction"] == reconstruction}
+        if by_iteration:
+            intervals[f"AUCp (no labels), {reconstruction}"] = tuple(
+                [by_iteration[i][bound] if i in by_iteration else None for i in iterations]
+                for bound in ("aucp_low", "aucp_high"))
+    picked = None
+    if "best_iteration" in selection:
+        picked = (selection["best_iteration"],
+                  f"AUCp (no labels), {selection.get('best_reconstruction', 'coarse')}")
+    return intervals, picked
 
 
 def main(argv=None):

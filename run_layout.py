@@ -16,11 +16,12 @@ import json
 import os
 
 from atomic_files import atomic_output
+from decisions import Reconstruction
 from errors import UserError
 
 # config key -> its default folder under --run_dir
 RUN_FOLDERS = {"log_dir": "logs", "model_save_dir": "models", "sample_dir": "samples", "result_dir": "results"}
-RECONSTRUCTIONS = ("refined", "calibrated", "coarse")
+RECONSTRUCTIONS = tuple(r.value for r in reversed(Reconstruction))  # one folder each under results/ITER/, refined first
 # per protocol, the table of its run over every checkpoint (AUCp's is the label-free checkpoint selection)
 SWEEP_NAMES = {"inductive": "inductive_by_iteration", "transductive": "transductive_by_iteration",
                "aucp": "aucp_selection"}

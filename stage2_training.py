@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import data_loader
+import decisions
 import distributed
 import intensity_correction
 import metrics
@@ -22,24 +23,32 @@ from diffusion_refiner import REFINER_ARCHITECTURE_FLAGS
 from ema import EMA
 from errors import UserError
 from model import healthy_reconstruction
-from networks import (ScoringNetworks, build_refiner, describe_check, load_generator, model_path, resolve_iteration,
-                      saved_config)
-from protocols import best_checkpoint, checkpoint_sweep
+from decisions import describe_check
+from networks import ScoringNetworks, build_refiner, load_generator, model_path, resolve_iteration, saved_config
+from protocols import select_checkpoint, selected_checkpoint
 from speed import FiniteCheck, adam
 from training_log import TrainingLogger
 
 
 def refine_from_iteration(runtime, config):
-    """Stage 2 refines the stage-1 checkpoint --refine_from, or the one AUCp picks (no labels). A restarted stage 2
-    (--resume_iters) with one unfinished refiner continues that one: a new sweep could pick another checkpoint."""
+    """(stage-1 checkpoint stage 2 refines, the reconstruction its check compares the refiner with): --refine_from,
+    or the pick of the AUCp sweep (no labels). The bar is the reconstruction the pick chose for that checkpoint;
+    None for a checkpoint no sweep picked (the check then takes the better of x_c and f(x_c) by AUCp). A restarted
+    stage 2 (--resume_iters) with one unfinished refiner continues that one: a new sweep could pick another."""
     if config.refine_from != "aucp":
-        return resolve_iteration(config, config.refine_from, flag="--refine_from")
+        iteration = resolve_iteration(config, config.refine_from, flag="--refine_from")
+        return iteration, picked_reconstruction(config, iteration)
     unfinished = unfinished_refiners(config) if config.resume_iters is not None else []
     if len(unfinished) == 1:
         distributed.main_print(f"Continuing the unfinished refiner of checkpoint {unfinished[0]} (no new AUCp sweep).")
-        return unfinished[0]
-    # selection among stage-1 checkpoints scores x_c
-    return best_checkpoint(checkpoint_sweep(runtime, replace_config(config, refiner="off"), "aucp"))
+        return unfinished[0], picked_reconstruction(config, unfinished[0])
+    return select_checkpoint(runtime, config)
+
+
+def picked_reconstruction(config, iteration):
+    """The reconstruction the recorded AUCp pick chose, if it picked this checkpoint (every rank reads the file)."""
+    picked = selected_checkpoint(config.result_dir)
+    return picked[1] if picked is not None and picked[0] == iteration else None
 
 
 def unfinished_refiners(config):
@@ -78,36 +87,43 @@ def refiner_step(runtime, generator, diffusion, optimizer, x, noise_generator):
 
 
 @torch.no_grad()
-def holdout_check(runtime, config, iteration, generator, refiner, paths, correction=None):
-    """The label-free guard, on the known-healthy slices `paths` that neither stage trained on: does x_r
-    reconstruct them better than the bar (mean |x - bar|/2 against mean |x - x_r|/2, scored as the protocols
-    score), and does the refined score separate them from the mixed set at least as well as every reconstruction
-    without the refiner (AUCp)? The bar is the intensity-corrected f(x_c) where a correction is given (the
-    cheapest correction of x_c: a refiner that cannot beat it is not worth its cost), else x_c. A refiner that
-    learns what the GAN gets wrong on healthy brains passes; one that also erases the part of the GAN's residual
-    that tracks disease lowers the error but loses AUCp. `fallback` is the reconstruction without the refiner
-    that separates best (AUCp), the one --refiner auto scores with when the refiner fails. Every rank gets the
-    check."""
+def holdout_check(runtime, config, iteration, generator, refiner, paths, correction=None, bar=None):
+    """The label-free guard, on the known-healthy slices `paths` that neither stage trained on, against the mixed
+    set: does x_r reconstruct them better than the bar (mean |x - bar|/2 against mean |x - x_r|/2, scored as the
+    protocols score), and is its AUCp not significantly below the bar's (decisions.refiner_verdict)? The bar is
+    the reconstruction the label-free pick chose for this checkpoint (`bar`); without one, the better of x_c and
+    f(x_c) by AUCp. A refiner that learns what the GAN gets wrong on healthy brains passes; one that also erases
+    the part of the GAN's residual that tracks disease lowers the error but loses AUCp. The bar is also the
+    `fallback` --refiner auto scores with when the refiner fails. Every rank gets the check."""
     if not paths:
         return None
     mixed = data_loader.mixed_set_paths(config.image_dir)
     scored = paths + mixed
     networks = ScoringNetworks(iteration, generator, refiner, config, {}, correction, "refined")
     beside = {name: scoring.ReconstructionScores(len(scored), config.score_region, name)
-              for name in ("coarse", "calibrated") if name == "coarse" or correction is not None}
+              for name in map(str, decisions.WITHOUT_REFINER) if name == "coarse" or correction is not None}
     scores = {"refined": scoring.score_slices(runtime, networks, scored, list(beside.values())),  # one pass
               **{name: consumer.scores for name, consumer in beside.items()}}
     pids, labels = [data_loader.patient_id(p) for p in scored], [0] * len(paths) + [1] * len(mixed)
     check = {"held_out_slices": len(paths), "held_out_patients": len({data_loader.patient_id(p) for p in paths})}
+    patients = metrics.aggregate_patients(pids, scores["refined"], labels)
+    patient_scores = {name: metrics.aggregate_patients(pids, values)["score"] for name, values in scores.items()}
+    bootstrap = decisions.PairedBootstrap(patients["label"], seed=config.seed)
+    aucp = {}
     for name, values in scores.items():
         check[f"{name}_error"] = float(values[:len(paths)].mean())
-        check[f"aucp_{name}"] = metrics.patient_auc(pids, values, labels)
-    bar = "calibrated" if correction is not None else "coarse"
-    without = [name for name in beside]
-    check.update(bar=bar, fallback=max(without, key=lambda name: (check[f"aucp_{name}"], name == "coarse")),
-                 refiner_helps=check["refined_error"] < check[f"{bar}_error"]
-                 and all(check["aucp_refined"] >= check[f"aucp_{name}"] for name in without),
-                 ddim_steps=config.ddim_steps, refiner_samples=config.refiner_samples)
+        aucp[name] = bootstrap.auc(patient_scores[name])
+        check[f"aucp_{name}"] = aucp[name][0]
+    if bar not in beside:  # no pick for this checkpoint (or it chose f(x_c), which this run cannot fit)
+        bar = max(beside, key=lambda name: (check[f"aucp_{name}"], name == "coarse"))
+    verdict = decisions.refiner_verdict(bar, {name: check[f"{name}_error"] for name in scores}, aucp)
+    check.update(bar=bar, fallback=bar, refiner_helps=verdict.refiner_helps,
+                 aucp_difference=verdict.aucp_difference, aucp_difference_interval=[verdict.difference_low,
+                                                                                    verdict.difference_high],
+                 aucp_significantly_below=verdict.significantly_below, ddim_steps=config.ddim_steps,
+                 refiner_samples=config.refiner_samples)
+    check["patient_scores"] = {"pid": patients["pid"].tolist(), "label": patients["label"].tolist(),
+                               **{name: values.tolist() for name, values in patient_scores.items()}}  # the verdict's data
     return check
 
 
@@ -118,15 +134,15 @@ def report_holdout_check(check, config, iteration):
     bar = check.get("bar", "coarse")
     change = 100 * (check["refined_error"] / check[f"{bar}_error"] - 1)
     print(f"Refiner check on {check['held_out_slices']} held-out known-healthy slices ({check['held_out_patients']} "
-          f"patients never trained on): {describe_check(check)}; refined error {change:+.1f}% against {bar}.")
+          f"patients never trained on), against its bar, the {bar} reconstruction: {describe_check(check)}; "
+          f"refined error {change:+.1f}%.")
     if check["refined_error"] >= check[f"{bar}_error"]:
         print(f"WARNING: the refiner does NOT reconstruct healthy slices it has not seen better than the {bar} "
               f"reconstruction, so it would add error, not remove the GAN's artifacts.")
-    without = [name for name in ("coarse", "calibrated") if f"aucp_{name}" in check]
-    if any(check["aucp_refined"] < check[f"aucp_{name}"] for name in without):
-        print("WARNING: the refined score separates the held-out healthy patients from the mixed set LESS well than "
-              "a reconstruction without the refiner (AUCp), so the refiner would blur the disease signal: it also "
-              "removes part of the GAN's residual that tracks disease.")
+    if check.get("aucp_significantly_below"):
+        print(f"WARNING: the refined score separates the held-out healthy patients from the mixed set significantly "
+              f"LESS well than the {bar} reconstruction (AUCp), so the refiner would blur the disease signal: it also "
+              f"removes part of the GAN's residual that tracks disease.")
     if not check["refiner_helps"]:
         print(f"--refiner auto will score checkpoint {iteration} with the {check.get('fallback', 'coarse')} "
               f"reconstruction (--refiner on forces the refiner).\nFix: train stage 2 longer (--refiner_iters) or "
@@ -181,7 +197,7 @@ def train_refiner(runtime, config):
     ranks = runtime.world_size
     data_loader.check_dataset(c.image_dir, c.refiner_batch_size * ranks, batch_flag="--refiner_batch_size",
                               mixed_in_batches=False)  # the refiner trains on known-healthy slices alone
-    iteration = refine_from_iteration(runtime, c)
+    iteration, bar = refine_from_iteration(runtime, c)
     generator, c, trained_with = load_generator(runtime, c, iteration)
     r_path, state_path = model_path(c, iteration, "R"), model_path(c, iteration, "R-state")
     resume = c.resume_iters is not None and os.path.isfile(state_path)
@@ -240,7 +256,7 @@ def train_refiner(runtime, config):
     finite.check()
     logger.close()
     correction = intensity_correction.for_checkpoint(runtime, c, iteration, generator, trained_with)
-    check = holdout_check(runtime, c, iteration, generator, ema.model, held_out, correction)  # every rank: its shard
+    check = holdout_check(runtime, c, iteration, generator, ema.model, held_out, correction, bar)  # every rank: its shard
     if not writes:
         return
     save_stage2(c, iteration, c.refiner_iters, diffusion, ema, optimizer, healthy, noise_generator, check, final=True)

@@ -99,16 +99,26 @@ def save_anomaly_panel(image, coarse, anomaly_map, path, title="", refined=None,
     _save(fig, path)
 
 
-def save_learning_curve(iterations, curves, path, title):
-    """Metric(s) against training iteration, on [0, 1] with the 0.5 chance line; None marks a missing value."""
-    for name, values in curves.items():
+def save_learning_curve(iterations, curves, path, title, intervals=None, picked=None):
+    """Metric(s) against training iteration, on [0, 1] with the 0.5 chance line; None marks a missing value.
+    intervals: {curve name: (lows, highs)} drawn as a band in the curve's colour (e.g. AUCp's bootstrap interval);
+    picked: (iteration, curve name) marked with a ring (the label-free pick)."""
+    intervals = intervals or {}
+    for name, values in [*curves.items(), *((f"{k} (low)", v[0]) for k, v in intervals.items()),
+                         *((f"{k} (high)", v[1]) for k, v in intervals.items())]:
         if len(values) != len(iterations):
             raise ValueError(f"curve {name!r} has {len(values)} values for {len(iterations)} iterations")
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, values in curves.items():
         present = [v for v in values if v is not None]
         style = {"marker": "*", "ms": 14, "ls": "none"} if len(present) == 1 else {"marker": "o", "ms": 3}
-        ax.plot(iterations, [np.nan if v is None else v for v in values], label=name, **style)
+        line, = ax.plot(iterations, [np.nan if v is None else v for v in values], label=name, **style)
+        if name in intervals:
+            low, high = ([np.nan if v is None else v for v in bound] for bound in intervals[name])
+            ax.fill_between(iterations, low, high, color=line.get_color(), alpha=0.15, lw=0)
+        if picked is not None and picked[1] == name and picked[0] in iterations:
+            ax.plot([picked[0]], [values[iterations.index(picked[0])]], marker="o", ms=12, mfc="none",
+                    mec="black", ls="none", label="label-free pick")
     ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
     ax.set(ylim=(0, 1), xlabel="iteration", ylabel="value", title=title)
     ax.legend()

@@ -7,6 +7,7 @@ import torch
 
 import checkpoint as ckpt
 import data_loader
+import decisions
 import intensity_correction
 import metrics
 import protocols
@@ -136,33 +137,41 @@ def test_calibrate_scores_with_the_corrected_reconstruction_and_reports_it_besid
     assert float(row["score"]) != pytest.approx(float(coarse_row["score"]), rel=1e-3)
 
 
-def test_aucp_selection_considers_the_calibrated_score_first_checkpoint_on_a_tie():
-    table = [{"iteration": 200, "reconstruction": "coarse", "auc": 0.60, "auc_calibrated": 0.55},
-             {"iteration": 400, "reconstruction": "coarse", "auc": 0.58, "auc_calibrated": 0.66},
-             {"iteration": 600, "reconstruction": "coarse", "auc": 0.66, "auc_calibrated": 0.50}]
-    assert protocols.best_checkpoint(table, with_reconstruction=True) == (400, "calibrated", 0.66)
-    table[1]["auc"] = 0.66  # a tie within a row: the row's own reconstruction
-    assert protocols.best_checkpoint(table, with_reconstruction=True) == (400, "coarse", 0.66)
-    plain = [{key: row[key] for key in ("iteration", "reconstruction", "auc")} for row in table]
-    assert protocols.best_checkpoint(plain) == 400  # 400 and 600 tie at 0.66: the first
+def recorded_aucp(iteration, coarse, calibrated, pids=("h1", "h2", "m1", "m2")):
+    return {"checkpoint": iteration, "patient_scores": {"pid": list(pids), "label": [0, 0, 1, 1],
+                                                        "coarse": coarse, "calibrated": calibrated}}
 
 
-def test_the_refiner_check_bar_is_the_intensity_correction(toy_dataset, tmp_path):
+def test_the_aucp_sweep_offers_the_pick_both_the_coarse_and_the_calibrated_score_of_every_checkpoint():
+    results = [recorded_aucp(200, [1, 2, 3, 4], [1, 3, 2, 4]), recorded_aucp(400, [1, 3, 2, 4], [1, 2, 3, 4])]
+    candidates = protocols.sweep_candidates(results, seed=0)
+    assert [(c.iteration, c.reconstruction, c.aucp) for c in candidates] == [
+        (200, "coarse", 1.0), (200, "calibrated", 0.75), (400, "coarse", 0.75), (400, "calibrated", 1.0)]
+    assert decisions.pick(candidates, "max").reconstruction == "coarse"  # the tie goes to the earlier checkpoint
+    assert decisions.pick(candidates, "last").reconstruction == "calibrated"
+    with pytest.raises(ValueError, match="other patients"):
+        protocols.sweep_candidates(results + [recorded_aucp(600, [1, 2, 3, 4], [1, 2, 3, 4], ("h1", "h9", "m1", "m2"))],
+                                   seed=0)
+
+
+def test_the_refiner_check_bar_is_the_reconstruction_the_pick_chose(toy_dataset, tmp_path):
     config = parse_config(["--image_dir", toy_dataset, "--run_dir", str(tmp_path / "run"), *TINY_FLAGS])
     runtime = Runtime(config)
     generator = lambda x: torch.zeros_like(x)  # noqa: E731  x_c = tanh(x): its error is per intensity alone
     trained_on, held_out = data_loader.known_healthy_split(toy_dataset, 0.5, config.seed)
     x = torch.stack([data_loader.load_slice(p, config.image_size) for p in trained_on])
     correction = fitted_on(x, torch.tanh(x))
-    # Halving x_c's residual passes the coarse bar (test_stage2_training) but not this one: f(x_c) undoes
-    # the whole per-intensity error, so the refiner must beat that.
+    # Halving x_c's residual passes a coarse bar (test_stage2_training) but not a calibrated one: f(x_c) undoes
+    # the whole per-intensity error, so a refiner of a checkpoint picked with f(x_c) must beat that.
     half = FixedResidual(lambda coarse: (torch.atanh(coarse) - coarse) / 2)
-    check = holdout_check(runtime, config, 0, generator, half, held_out, correction)
+    check = holdout_check(runtime, config, 0, generator, half, held_out, correction, bar="calibrated")
     assert check["bar"] == "calibrated" and check["calibrated_error"] < 0.2 * check["coarse_error"]
     assert check["refined_error"] > check["calibrated_error"] and not check["refiner_helps"]
-    # the fallback is whichever reconstruction without the refiner separates best, label-free
-    best = "calibrated" if check["aucp_calibrated"] > check["aucp_coarse"] else "coarse"
-    assert check["fallback"] == best
+    assert check["fallback"] == "calibrated"  # --refiner auto then scores as the pick chose
+    assert holdout_check(runtime, config, 0, generator, half, held_out, correction, bar="coarse")["refiner_helps"]
+    # a checkpoint no sweep picked: the bar is whichever reconstruction without the refiner separates best
+    unpicked = holdout_check(runtime, config, 0, generator, half, held_out, correction)
+    assert unpicked["bar"] == ("calibrated" if unpicked["aucp_calibrated"] > unpicked["aucp_coarse"] else "coarse")
 
 
 def test_identity_map_init_reconstructs_the_input_at_iteration_zero(toy_dataset, tmp_path):

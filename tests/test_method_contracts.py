@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 import main
-import protocols
 from conftest import TINY_FLAGS
 from diffusion_refiner import ResidualDiffusion, cosine_beta_schedule
 from ema import EMA
@@ -210,24 +209,3 @@ def test_saved_generator_is_the_ema_of_the_raw_generator_snapshots(toy_dataset, 
         for i in range(1, 5):
             torch.testing.assert_close(saved[i]["state_dict"][k], hand[i], rtol=1e-5, atol=1e-6,
                                        msg=f"{i}-G.ckpt {k}")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# AUCp checkpoint selection
-# ------------------------------------------------------------------------------------------------------------
-
-def table(*rows):
-    return [{"iteration": iteration, "reconstruction": "coarse", "auc": auc, "n_patients": 10}
-            for iteration, auc in rows]
-
-
-@pytest.mark.parametrize("rows, best", [
-    (((400, 0.61), (800, 0.74), (1200, 0.69)), 800),      # the highest AUCp, in the middle
-    (((400, 0.74), (800, 0.61), (1200, 0.69)), 400),      # first
-    (((400, 0.61), (800, 0.69), (1200, 0.74)), 1200),     # last
-    (((400, 0.61), (800, 0.74), (1200, 0.74)), 800),      # a tie: the first of the tied (the earlier checkpoint)
-    (((400, 0.70), (800, 0.70), (1200, 0.70)), 400),      # all tied
-    (((400, 0.55),), 400),                                # one checkpoint
-])
-def test_aucp_selection_takes_the_highest_aucp_and_the_first_of_a_tie(rows, best):
-    assert protocols.best_checkpoint(table(*rows)) == best

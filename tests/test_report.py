@@ -28,8 +28,12 @@ def test_summary_rows_put_refined_coarse_and_baseline_side_by_side(tmp_path, cap
 
 def write_sweeps(run):
     """The AUCp selection and the inductive sweep of checkpoints 10 and 20, as the protocols write them."""
-    write(f"{run}/results/aucp_selection.json", {"table": [{"iteration": 10, "auc": 0.55, "reconstruction": "coarse"},
-                                                           {"iteration": 20, "auc": 0.6, "reconstruction": "coarse"}]})
+    write(f"{run}/results/aucp_selection.json", {
+        "table": [{"iteration": 10, "auc": 0.55, "reconstruction": "coarse"},
+                  {"iteration": 20, "auc": 0.6, "reconstruction": "coarse"}],
+        "best_iteration": 20, "best_reconstruction": "coarse",
+        "candidates": [{"iteration": 10, "reconstruction": "coarse", "aucp": 0.55, "aucp_low": 0.4, "aucp_high": 0.7},
+                       {"iteration": 20, "reconstruction": "coarse", "aucp": 0.6, "aucp_low": 0.45, "aucp_high": 0.75}]})
     write(f"{run}/results/inductive_by_iteration.json",
           {"table": [{"iteration": 10, "auc": 0.7, "reconstruction": "coarse"},
                      {"iteration": 20, "auc": 0.8, "reconstruction": "coarse"}]})
@@ -50,9 +54,13 @@ def test_learning_curve_marks_the_refined_checkpoint_beside_the_coarse_curves(tm
     write(f"{run}/results/20/refined/aucp.json", {"auc": 0.65})
     plotted = {}
     monkeypatch.setattr(report.visualize, "save_learning_curve",
-                        lambda iterations, curves, path, title: plotted.update(iterations=iterations, curves=curves))
+                        lambda iterations, curves, path, title, intervals, picked: plotted.update(
+                            iterations=iterations, curves=curves, intervals=intervals, picked=picked))
     report.learning_curve(run, iteration=20)
     assert plotted["iterations"] == [10, 20]
+    # AUCp's bootstrap interval as a band, and the label-free pick marked on its curve
+    assert plotted["intervals"] == {"AUCp (no labels), coarse": ([0.4, 0.45], [0.7, 0.75])}
+    assert plotted["picked"] == (20, "AUCp (no labels), coarse")
     assert plotted["curves"] == {"AUCp (no labels), coarse": [0.55, 0.6], "AUCp (no labels), refined": [None, 0.65],
                                  "inductive AUC, coarse": [0.7, 0.8], "inductive AUC, refined": [None, 0.85]}
 
