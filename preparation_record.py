@@ -6,6 +6,7 @@
 import json
 import os
 import shutil
+from dataclasses import dataclass
 
 from atomic_files import atomic_output
 from errors import UserError
@@ -60,3 +61,57 @@ def copy_into_run(image_dir, model_dir):
             shutil.copyfile(source, tmp)
     elif os.path.isfile(target):
         os.remove(target)
+
+
+@dataclass
+class ScoringPreparation:
+    """How score mode prepares a NIfTI scan: what the run recorded, or what --prepared says."""
+    min_brain_fraction: float = 0.3
+    slice_range: tuple = None     # (start, stop) or None
+    preprocess: object = None     # the run's preprocessing.PreprocessSettings, None when it recorded none
+    repeat_preprocessing: bool = False  # False with --prepared: scans are on the template grid already
+    description: str = "sliced as given"
+
+
+def for_scoring(model_dir, prepared, min_brain_fraction=None, slices=None):
+    """The ScoringPreparation of a run (its model folder's prepare.json) and the score-mode flags.
+
+    By default a scan is prepared exactly as the training data were; a run without a record refuses NIfTI scans
+    unless --prepared, and recorded values are never silently replaced by flags that differ."""
+    from prepare_data import parse_slices
+    path = os.path.join(model_dir, RECORD_NAME)
+    record = read_record(path)
+    if record is None:
+        if not prepared:
+            raise UserError(f"this run records no preparation of its training data ({path} is missing): its slices "
+                            f"were not made from NIfTI scans by prepare_data.py nifti or bids, so score mode cannot "
+                            f"repeat that preparation.\nFix: if the scans are prepared as the training data were "
+                            f"(skull stripping, registration, bias correction), add --prepared (then pass the "
+                            f"--min_brain_fraction or --slices the slices were chosen with); otherwise build the "
+                            f"training data with prepare_data.py nifti or bids and train again.")
+        fraction = 0.3 if min_brain_fraction is None else min_brain_fraction
+        return ScoringPreparation(fraction, parse_slices(slices) if slices else None,
+                                  description="as given (--prepared): sliced without further preparation")
+    recorded_range = parse_slices(record["slices"]) if record.get("slices") else None
+    recorded_fraction = record.get("min_brain_fraction")
+    given = {"--min_brain_fraction": (min_brain_fraction, recorded_fraction),
+             "--slices": (parse_slices(slices) if slices else None, recorded_range)}
+    for flag, (value, recorded) in given.items():
+        if value is not None and value != recorded:
+            shown = record.get(flag.lstrip("-"))
+            raise UserError(f"{flag} {min_brain_fraction if flag == '--min_brain_fraction' else slices} differs from "
+                            f"the training data's preparation ({flag.lstrip('-')} {shown}, recorded in {path}).\n"
+                            f"Fix: drop {flag}: score mode repeats the recorded preparation.")
+    settings = record.get("preprocess")
+    if settings is None:
+        return ScoringPreparation(recorded_fraction, recorded_range,
+                                  description="as the training data (prepare.json: no preprocessing)")
+    import preprocessing
+    recorded = preprocessing.PreprocessSettings.from_record(settings)
+    if prepared:
+        return ScoringPreparation(recorded_fraction, recorded_range, recorded, False, "as given (--prepared): on "
+                                  "the template grid, sliced with the template's brain mask")
+    preprocessing.require_ants()
+    return ScoringPreparation(recorded_fraction, recorded_range, recorded, True, f"as the training data "
+                              f"(prepare.json: N4, {settings['registration']} registration to "
+                              f"{settings['template']}, template brain mask)")
