@@ -25,6 +25,8 @@ from errors import UserError
 
 TEMPLATE = "MNI152NLin2009aSym"
 REGISTRATIONS = {"affine": "Affine", "syn": "SyN"}  # our flag value -> antspyx type_of_transform
+OWN_PREPARATION = ("a scan you prepare with your own pipeline goes to prepare_data.py nifti without --preprocess "
+                   "(and to score mode with --prepared)")
 INSTALL_HINT = "Fix: pip install -r requirements-preprocess.txt (antspyx and pybids), then rerun."
 MIN_COVERAGE = 0.8      # a scan whose field of view holds less of the registered template brain is refused
 RANDOM_SEED = 123
@@ -138,8 +140,7 @@ def preprocess_scan(path, out_dir, stem, settings=PreprocessSettings()):
                                 aff_iterations=settings.affine_iterations, reg_iterations=settings.syn_iterations)
     except Exception as err:  # ITK reports a failed fit as RuntimeError (or worse); the user needs the scan's name
         raise UserError(f"N4 or registration of scan {path} to the {TEMPLATE} template failed ({err}).\n"
-                        f"Fix: check that it is a 3D T1 head or brain scan, or prepare it yourself and use --prepared "
-                        f"when scoring.") from err
+                        f"Fix: check that it is a 3D T1 head or brain scan; {OWN_PREPARATION}.") from err
     forward, inverse, flags = keep_transforms(fit, out_dir, stem, settings.registration)
     registered = ants.apply_transforms(fixed=template, moving=corrected, transformlist=forward)
     brain = registered * template_mask
@@ -200,7 +201,7 @@ def keep_transforms(fit, out_dir, stem, registration):
 def check_registration(path, coverage, scan_mask, scan, template_brain, template):
     """Refuse a registration that cannot be right: the brain mostly outside the scan, or a brain far too large or
     small for a head (what a registration that converged on the wrong thing produces)."""
-    fix = "Fix: check that it is a whole-head (or whole-brain) T1 scan, or prepare it yourself and use --prepared."
+    fix = f"Fix: use a whole-head (or whole-brain) T1 scan; {OWN_PREPARATION}."
     if coverage < MIN_COVERAGE:
         raise UserError(f"scan {path}: only {coverage:.0%} of the template brain lies inside its field of view after "
                         f"registration (at least {MIN_COVERAGE:.0%} needed).\n{fix}")
