@@ -77,7 +77,9 @@ def test_rules_put_each_subject_in_its_folder_and_split_csv_says_where(bids_root
     assert all(split[p]["folder"] == f and split[p]["label"] == str(label) for p, (f, label) in subjects.items())
     assert split[TWO_SESSIONS]["session"] == "01"
     assert split[TWO_SESSIONS]["file"] == f"{TWO_SESSIONS}/ses-01/anat/{TWO_SESSIONS}_ses-01_T1w.nii.gz"
-    assert f"{TWO_SESSIONS} has 2 T1w scans; using {split[TWO_SESSIONS]['file']}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{TWO_SESSIONS} has 2 T1w scans; using {split[TWO_SESSIONS]['file']}" in printed
+    assert f"prepared {len(subjects)} scans in " in printed  # the summary
     with open(out / "prepare.json") as handle:
         record = json.load(handle)
     assert record["command"] == "bids" and record["preprocess"] is None and record["min_brain_fraction"] == 0.3

@@ -227,5 +227,8 @@ def test_score_sh_on_a_nifti_scan_writes_csv_map_and_overlay(toy_dataset, tmp_pa
     folder = run([*score, "scans", *flags], work)
     assert folder.returncode == 0, folder.stderr[-3000:]
     assert "skipped scans/sub-nan.nii.gz" in folder.stderr
+    # the summary: scans done, refused with the reason, time
+    assert "Scored 1 of 2 volumes" in folder.stdout and " s per scan" in folder.stdout
+    assert "Refused 1 volume(s)" in folder.stderr and "NaN" in folder.stderr.split("Refused 1 volume(s)")[1]
     folder_rows = read_csv(results / "scores_scans.csv")
     assert folder_rows == rows  # same scan, same score, whether alone or in a folder

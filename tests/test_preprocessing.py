@@ -34,11 +34,12 @@ def needs_ants():
     pytest.importorskip("ants", reason="antspyx is an optional extra (requirements-preprocess.txt); CI installs it")
 
 
-def test_the_brain_mask_excludes_the_skull_and_lies_on_the_scan_grid(head, tmp_path, capsys):
+@pytest.mark.parametrize("registration", ["affine", "syn"])
+def test_the_brain_mask_excludes_the_skull_and_lies_on_the_scan_grid(head, tmp_path, capsys, registration):
     needs_ants()
     path, truth = head
     out = tmp_path / "prep"
-    assert prepare_data.main(["preprocess", path, "--out", str(out), *FAST]) == 0
+    assert prepare_data.main(["preprocess", path, "--out", str(out), *FAST, "--registration", registration]) == 0
     mask = nib.load(str(out / "sub-01_brain_mask.nii.gz"))
     scan = nib.load(path)
     assert mask.shape == scan.shape and np.allclose(mask.affine, scan.affine)
@@ -47,8 +48,11 @@ def test_the_brain_mask_excludes_the_skull_and_lies_on_the_scan_grid(head, tmp_p
     outside = np.asarray(truth.get_fdata()) == 0
     bright_shell = outside & (scan.get_fdata() > 0.5 * np.percentile(scan.get_fdata()[~outside], 99))
     assert bright_shell.sum() > 100 and (mask.get_fdata()[bright_shell] > 0).mean() < 0.05
-    assert (out / "sub-01_to-MNI152NLin2009aSym_affine.mat").is_file()
-    assert "preprocessed" in capsys.readouterr().out
+    kept = {"sub-01_to-MNI152NLin2009aSym_affine.mat"}
+    if registration == "syn":
+        kept |= {"sub-01_to-MNI152NLin2009aSym_warp.nii.gz", "sub-01_to-MNI152NLin2009aSym_inverse_warp.nii.gz"}
+    assert kept <= set(os.listdir(out))
+    assert f"{registration} registration" in capsys.readouterr().out
 
 
 def test_score_mode_repeats_the_recorded_preprocessing_and_maps_back_onto_the_scan(head, tmp_path):
