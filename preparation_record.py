@@ -6,6 +6,7 @@
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 from atomic_files import atomic_output
@@ -111,7 +112,11 @@ def for_scoring(model_dir, prepared, min_brain_fraction=None, slices=None):
     if prepared:
         return ScoringPreparation(recorded_fraction, recorded_range, recorded, False, "as given (--prepared): on "
                                   "the template grid, sliced with the template's brain mask")
-    preprocessing.require_ants()
+    ants = preprocessing.require_ants()
+    if settings.get("antspyx") and settings["antspyx"] != ants.__version__:
+        print(f"warning: the training data were preprocessed with antspyx {settings['antspyx']}, these scans are "
+              f"prepared with {ants.__version__}: registrations may differ slightly (install antspyx=="
+              f"{settings['antspyx']} to repeat it exactly).", file=sys.stderr)
     return ScoringPreparation(recorded_fraction, recorded_range, recorded, True, f"as the training data "
                               f"(prepare.json: N4, {settings['registration']} registration to "
                               f"{settings['template']}, template brain mask)")

@@ -13,7 +13,8 @@ Three sources, one subcommand each:
 
 Every subcommand writes into a staging folder inside OUT and moves the five layout folders into place
 only when everything succeeded, so a failure leaves OUT as it was. A non-empty OUT is refused unless
---overwrite is given; then the five layout folders are replaced and other files in OUT are left alone.
+--overwrite is given; then the five layout folders and the records below are replaced and other files in OUT are
+left alone.
 A manifest `OUT/prepare_data_manifest.csv` records where every written image came from; from NIfTI scans,
 `OUT/prepare.json` records how they were prepared (score mode repeats it, preparation_record.py), `bids` writes
 `OUT/split.csv` (who went where, bids_layout.py) and `--preprocess` keeps each scan's brain mask and transform in
@@ -94,7 +95,8 @@ class Staging:
         if os.path.isdir(self.out) and os.listdir(self.out) and not overwrite:
             raise UserError(f"output folder {out} is not empty; nothing was written.\n"
                             f"Fix: choose a new --out, or add --overwrite to replace its "
-                            f"{', '.join(LAYOUT_FOLDERS)} folders (other files there are kept).")
+                            f"{', '.join(LAYOUT_FOLDERS)} folders and its {', '.join(RECORD_FILES)} (other files "
+                            f"there are kept).")
         self.created = not os.path.exists(self.out)
         self.path = None
         self.manifest = []  # rows: folder, file, patient_id, source, slice
@@ -802,7 +804,8 @@ def build_parser():
     for command in (nifti, bids, kaggle, from_csv):
         command.add_argument("--out", required=True, help="output dataset folder, e.g. data/NAME")
         command.add_argument("--overwrite", action="store_true",
-                             help="allow a non-empty --out: its five layout folders are replaced, other files kept")
+                             help="allow a non-empty --out: its five layout folders and prepare.json, split.csv and "
+                                  "preprocessed/ are replaced, other files kept")
     return parser
 
 

@@ -174,3 +174,21 @@ def test_stage_1_keeps_the_data_record_and_drops_a_stale_one(tmp_path):
     os.remove(data / "prepare.json")
     preparation_record.copy_into_run(str(data), str(models))
     assert not (models / "prepare.json").exists()
+
+
+def test_overwrite_replaces_the_record_of_an_earlier_preparation(tmp_path):
+    volumes = tmp_path / "v"
+    volumes.mkdir()
+    data = np.zeros((16, 16, 12), np.float32)
+    data[3:13, 3:13, 2:10] = np.random.default_rng(0).uniform(50, 100, (10, 10, 8))
+    nib.save(nib.Nifti1Image(data, np.eye(4)), volumes / "sub-01.nii.gz")
+    (tmp_path / "split.csv").write_text("file,folder\nsub-01.nii.gz,pos\n")
+    out = tmp_path / "out"
+    prepare_data.prepare_nifti(str(volumes), str(tmp_path / "split.csv"), str(out), image_size=16)
+    assert json.loads((out / "prepare.json").read_text())["command"] == "nifti"
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    (slices / "p1__000.png").write_bytes((out / "train/pos" / os.listdir(out / "train/pos")[0]).read_bytes())
+    (tmp_path / "csv_split.csv").write_text("patient_id,class,split\np1,AD_Mixed,\n")
+    prepare_data.prepare_csv(str(tmp_path / "csv_split.csv"), str(slices), str(out), overwrite=True)
+    assert not (out / "prepare.json").exists()  # it described slices that are gone
