@@ -228,11 +228,15 @@ def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_
     return rows, skipped
 
 
-def score_volumes_command(volumes, anomaly_maps, config, threshold, csv_path, model_name):
-    """Score mode on NIfTI input: prepare as the run recorded, score, write the CSV (run_layout.write_csv), print a
+def scoring_preparation(config):
+    """The ScoringPreparation score mode uses: the run's prepare.json, --prepared, --min_brain_fraction, --slices."""
+    return for_scoring(config.model_save_dir, config.prepared, config.min_brain_fraction, config.slices)
+
+
+def score_volumes_command(volumes, anomaly_maps, config, threshold, csv_path, model_name, preparation):
+    """Score mode on NIfTI input: prepare as preparation says, score, write the CSV (run_layout.write_csv), print a
     summary (scans scored, refused with their reasons, time)."""
     started = time.monotonic()
-    preparation = for_scoring(config.model_save_dir, config.prepared, config.min_brain_fraction, config.slices)
     print(f"Preparing each scan {preparation.description}.")
     rows, skipped = score_volumes(volumes, anomaly_maps, config.image_size, csv_path, threshold,
                                   config.score_batch_size, preparation, config.score_region)
