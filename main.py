@@ -158,12 +158,17 @@ def build_parser():
     e.add_argument("--output", type=str, default=None,
                    help="score mode: CSV to write (default under the run folder); for NIfTI input the anomaly "
                         "maps go to the folder named like it without .csv")
-    e.add_argument("--min_brain_fraction", type=float, default=0.3,
-                   help="score mode, NIfTI input: keep axial slices with at least this fraction of the largest "
-                        "slice's brain area (as prepare_data.py nifti; use the value the training data used)")
+    e.add_argument("--prepared", type=str2bool, nargs="?", const=True, default=False,
+                   help="score mode, NIfTI input: the scans are already prepared as the training data were; slice "
+                        "them without repeating the preparation the run recorded (prepare.json), or score scans "
+                        "for a run that recorded none (its data were sliced by other tools)")
+    e.add_argument("--min_brain_fraction", type=float, default=None,
+                   help="score mode, NIfTI input with --prepared on a run without prepare.json: keep axial slices "
+                        "with at least this fraction of the largest slice's brain area (default 0.3; otherwise "
+                        "the run's recorded value is used)")
     e.add_argument("--slices", type=str, default=None,
-                   help="score mode, NIfTI input: score this half-open range START:STOP of axial indices of the "
-                        "RAS-reoriented volume instead (as prepare_data.py nifti --slices)")
+                   help="score mode, NIfTI input with --prepared on a run without prepare.json: score this "
+                        "half-open range START:STOP of axial indices of the RAS-reoriented volume instead")
 
     d = p.add_argument_group("paths and devices")
     d.add_argument("--mode", type=str, default="train", choices=MODES + tuple(MODE_ALIASES),

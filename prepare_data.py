@@ -3,15 +3,22 @@
 Three sources, one subcommand each:
 
     python prepare_data.py nifti  --volumes DIR --split split.csv --out data/NAME [--masks DIR]
-                                  [--min_brain_fraction 0.3 | --slices 40:80] [--image_size 192]
+                                  [--min_brain_fraction 0.3 | --slices 40:80] [--image_size 192] [--preprocess]
+    python prepare_data.py bids   --root DATASET --out data/NAME --healthy RULE --mixed RULE [--test RULE]
+                                  --diseased RULE [--session LABEL] [--run N] [--preprocess] (slicing as nifti)
+    python prepare_data.py preprocess SCAN.nii.gz --out DIR [--registration affine|syn]
     python prepare_data.py kaggle --src "Combined Dataset" --out data/NAME
                                   [--mixed_disease_share 0.4] [--neg_share 0.5] [--seed 0]
     python prepare_data.py csv    --split AD_DS1.csv --src DIR --out data/NAME [--class_map K=FOLDER,...] [--link]
 
 Every subcommand writes into a staging folder inside OUT and moves the five layout folders into place
 only when everything succeeded, so a failure leaves OUT as it was. A non-empty OUT is refused unless
---overwrite is given; then the five layout folders are replaced and other files in OUT are left alone.
-A manifest `OUT/prepare_data_manifest.csv` records where every written image came from.
+--overwrite is given; then the five layout folders and the records below are replaced and other files in OUT are
+left alone.
+A manifest `OUT/prepare_data_manifest.csv` records where every written image came from; from NIfTI scans,
+`OUT/prepare.json` records how they were prepared (score mode repeats it, preparation_record.py), `bids` writes
+`OUT/split.csv` (who went where, bids_layout.py) and `--preprocess` keeps each scan's brain mask and transform in
+`OUT/preprocessed/` (preprocessing.py).
 
 Orientation of NIfTI slices (radiological display convention): each volume is reoriented to the closest
 canonical RAS orientation, axial slices are taken along the inferior->superior axis (slice index 000 =
@@ -28,16 +35,22 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
+import preparation_record
 from data_loader import is_image_file, patient_id, read_grayscale, save_slice_png, slice_filename
 from errors import UserError, run_cli
 
 LAYOUT_FOLDERS = ("train/pos", "train/neg_mixed", "train/neg", "test/pos", "test/neg")
 MANIFEST_NAME = "prepare_data_manifest.csv"
+PREPROCESSED = "preprocessed"
+# Files and folders besides the layout that describe one preparation: replaced (or removed) with the layout.
+RECORD_FILES = (preparation_record.RECORD_NAME, "split.csv", PREPROCESSED)
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 
 # Folder names accepted in a NIfTI split CSV ("folder" column), lower-cased, "\" read as "/".
@@ -82,7 +95,8 @@ class Staging:
         if os.path.isdir(self.out) and os.listdir(self.out) and not overwrite:
             raise UserError(f"output folder {out} is not empty; nothing was written.\n"
                             f"Fix: choose a new --out, or add --overwrite to replace its "
-                            f"{', '.join(LAYOUT_FOLDERS)} folders (other files there are kept).")
+                            f"{', '.join(LAYOUT_FOLDERS)} folders and its {', '.join(RECORD_FILES)} (other files "
+                            f"there are kept).")
         self.created = not os.path.exists(self.out)
         self.path = None
         self.manifest = []  # rows: folder, file, patient_id, source, slice
@@ -105,6 +119,11 @@ class Staging:
     def target(self, folder, name):
         return os.path.join(self.path, folder, name)
 
+    def record_path(self, name):
+        """Where to write one of RECORD_FILES; it is moved into OUT with the layout."""
+        assert name in RECORD_FILES, name
+        return os.path.join(self.path, name)
+
     def record(self, folder, name, pid, source, slice_index=""):
         self.manifest.append((folder, name, pid, source, slice_index))
 
@@ -119,6 +138,14 @@ class Staging:
                 shutil.rmtree(final) if os.path.isdir(final) and not os.path.islink(final) else os.remove(final)
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.replace(os.path.join(self.path, folder), final)
+        for name in RECORD_FILES:  # a record of an earlier preparation must not describe this one
+            final = os.path.join(self.out, name)
+            if os.path.isdir(final) and not os.path.islink(final):
+                shutil.rmtree(final)
+            elif os.path.lexists(final):
+                os.remove(final)
+            if os.path.lexists(os.path.join(self.path, name)):
+                os.replace(os.path.join(self.path, name), final)
         os.replace(os.path.join(self.path, MANIFEST_NAME), os.path.join(self.out, MANIFEST_NAME))
 
 
@@ -374,18 +401,69 @@ def volume_to_slices(path, mask_path=None, min_brain_fraction=0.3, slice_range=N
     return list(zip(prepared.indices, prepared.slices))
 
 
-def prepare_nifti(volumes, split, out, masks=None, min_brain_fraction=0.3, slices=None, image_size=192,
-                  overwrite=False):
-    """NIfTI volumes + split CSV -> axial PNG slices in the layout. Returns {folder: (slices, patients)}."""
-    if not os.path.isdir(volumes):
-        raise UserError(f"--volumes {volumes} is not a folder.\nFix: pass the folder holding the .nii/.nii.gz files.")
-    if masks is not None and not os.path.isdir(masks):
-        raise UserError(f"--masks {masks} is not a folder.\nFix: pass the folder of brain masks (same file names).")
+def check_slicing(min_brain_fraction, slices, image_size):
+    """The slice range of --slices (or None), after checking the slicing flags of nifti, bids and score mode."""
     if slices is None and not 0.0 < min_brain_fraction <= 1.0:
         raise UserError(f"--min_brain_fraction {min_brain_fraction} is outside (0, 1].\nFix: use e.g. 0.3.")
     if image_size < 8:
         raise UserError(f"--image_size {image_size} is too small.\nFix: use e.g. 192.")
-    slice_range = parse_slices(slices) if isinstance(slices, str) else slices
+    return parse_slices(slices) if isinstance(slices, str) else slices
+
+
+def prepare_scan(path, pid, mask_path, preprocess, work_dir, min_brain_fraction, slice_range, image_size):
+    """(PreparedVolume, PreprocessedScan or None) of one scan: preprocessed into work_dir first when asked, then
+    sliced; the one preparation path of `nifti`, `bids` and score mode."""
+    if preprocess is None:
+        return prepare_volume(path, mask_path, min_brain_fraction, slice_range, image_size), None
+    import preprocessing
+    load_volume(path)  # the same checks and messages for a broken file as without preprocessing
+    scan = preprocessing.preprocess_scan(path, work_dir, pid, preprocess)
+    return prepare_volume(scan.template_space, scan.template_mask, min_brain_fraction, slice_range, image_size), scan
+
+
+def write_volume_layout(entries, out, overwrite, sources, record, mask_paths=None, preprocess=None,
+                        min_brain_fraction=0.3, slice_range=None, image_size=192, split_rows=None):
+    """[(patient id, scan path, folder)] -> the layout in out, with prepare.json (record) and split.csv when given.
+    One progress bar over the scans; a summary with the time per scan at the end."""
+    started = time.monotonic()
+    with Staging(out, overwrite, sources=sources) as stage:
+        work_dir = stage.record_path(PREPROCESSED)
+        bar = tqdm(entries, desc="preparing scans", unit="scan", file=sys.stderr, disable=None)
+        for number, (pid, path, folder) in enumerate(bar, start=1):
+            bar.set_postfix_str(pid)
+            prepared, _ = prepare_scan(path, pid, (mask_paths or {}).get(pid), preprocess, work_dir,
+                                       min_brain_fraction, slice_range, image_size)
+            for index, image in zip(prepared.indices, prepared.slices):
+                name = slice_filename(pid, index)
+                save_slice_png(image, stage.target(folder, name))
+                stage.record(folder, name, pid, os.path.abspath(path), index)
+            tqdm.write(f"[{number}/{len(entries)}] {pid}: {len(prepared.indices)} slices -> {folder}", file=sys.stdout)
+        preparation_record.write_record(record, stage.record_path(preparation_record.RECORD_NAME))
+        if split_rows is not None:
+            with open(stage.record_path("split.csv"), "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(split_rows[0]))
+                writer.writeheader()
+                writer.writerows(split_rows)
+    counts = count_layout(out)
+    print_counts(out, counts, "slices")
+    seconds = time.monotonic() - started
+    print(f"prepared {len(entries)} scans in {seconds:.1f} s ({seconds / max(1, len(entries)):.1f} s per scan"
+          + (", N4 + registration + brain mask included" if preprocess is not None else "") + ")")
+    return counts
+
+
+def prepare_nifti(volumes, split, out, masks=None, min_brain_fraction=0.3, slices=None, image_size=192,
+                  overwrite=False, preprocess=None):
+    """NIfTI volumes + split CSV -> axial PNG slices in the layout. Returns {folder: (slices, patients)}.
+    preprocess: a preprocessing.PreprocessSettings to run N4, registration and brain extraction first."""
+    if not os.path.isdir(volumes):
+        raise UserError(f"--volumes {volumes} is not a folder.\nFix: pass the folder holding the .nii/.nii.gz files.")
+    if masks is not None and not os.path.isdir(masks):
+        raise UserError(f"--masks {masks} is not a folder.\nFix: pass the folder of brain masks (same file names).")
+    if masks is not None and preprocess is not None:
+        raise UserError("--masks and --preprocess both give the brain mask.\nFix: drop --masks (preprocessing "
+                        "takes the template's brain mask) or drop --preprocess (your scans are prepared already).")
+    slice_range = check_slicing(min_brain_fraction, slices, image_size)
     entries = parse_nifti_split(split, volumes)
     mask_paths = {}
     if masks is not None:
@@ -394,17 +472,52 @@ def prepare_nifti(volumes, split, out, masks=None, min_brain_fraction=0.3, slice
             if not os.path.isfile(mask_paths[pid]):
                 raise UserError(f"brain mask {mask_paths[pid]} for volume {path} does not exist.\n"
                                 f"Fix: put a mask with the same file name in {masks}, or drop --masks.")
-    with Staging(out, overwrite, sources=[volumes] + ([masks] if masks else [])) as stage:
-        for number, (pid, path, folder) in enumerate(entries, start=1):
-            written = volume_to_slices(path, mask_paths.get(pid), min_brain_fraction, slice_range, image_size)
-            for index, image in written:
-                name = slice_filename(pid, index)
-                save_slice_png(image, stage.target(folder, name))
-                stage.record(folder, name, pid, os.path.abspath(path), index)
-            print(f"[{number}/{len(entries)}] {pid}: {len(written)} slices -> {folder}", flush=True)
-    counts = count_layout(out)
-    print_counts(out, counts, "slices")
-    return counts
+    record = preparation_record.make_record("nifti", min_brain_fraction, slice_text(slice_range), image_size,
+                                            masks, preprocess)
+    return write_volume_layout(entries, out, overwrite, [volumes] + ([masks] if masks else []), record, mask_paths,
+                               preprocess, min_brain_fraction, slice_range, image_size)
+
+
+def slice_text(slice_range):
+    return f"{slice_range[0]}:{slice_range[1]}" if slice_range else None
+
+
+def prepare_bids(root, out, rules, diseased, session=None, run=None, min_brain_fraction=0.3, slices=None,
+                 image_size=192, overwrite=False, preprocess=None):
+    """A BIDS dataset -> the layout, by rules over participants.tsv (bids_layout.py); writes split.csv too."""
+    import bids_layout
+    slice_range = check_slicing(min_brain_fraction, slices, image_size)
+    selections = bids_layout.select_scans(root, rules, diseased, session, run)
+    for selection in selections:
+        if selection.note:
+            print(f"note: {selection.note}")
+    record = preparation_record.make_record("bids", min_brain_fraction, slice_text(slice_range), image_size, None,
+                                            preprocess)
+    entries = [(s.participant, s.scan, s.folder) for s in selections]
+    return write_volume_layout(entries, out, overwrite, [root], record, None, preprocess, min_brain_fraction,
+                               slice_range, image_size, bids_layout.split_rows(selections, root))
+
+
+def preprocess_one(scan, out_dir, preprocess):
+    """The single-scan command: N4, registration and brain mask of SCAN into out_dir; nothing is sliced."""
+    import preprocessing
+    if not os.path.isfile(scan):
+        raise UserError(f"scan {scan} does not exist.\nFix: check the path of the .nii/.nii.gz file.")
+    load_volume(scan)
+    stem = strip_nifti_extension(os.path.basename(scan))
+    started = time.monotonic()
+    staging = tempfile.mkdtemp(prefix=".preprocess-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
+    try:
+        result = preprocessing.preprocess_scan(scan, staging, stem, preprocess)
+        os.makedirs(out_dir, exist_ok=True)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"preprocessed {scan} in {time.monotonic() - started:.1f} s ({preprocess.registration} registration to "
+          f"{preprocessing.TEMPLATE}; {result.coverage:.0%} of the template brain in the field of view):\n"
+          f"  {os.path.join(out_dir, preprocessing.output_name(stem, 'template_space'))}\n"
+          f"  {os.path.join(out_dir, preprocessing.output_name(stem, 'brain_mask'))}  (on the scan's own grid)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -604,7 +717,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Build the Brainomaly layout (train/pos, train/neg_mixed, train/neg, test/pos, test/neg) "
                     "from NIfTI volumes, the Kaggle Alzheimer MRI dataset, or an ADNI-style split CSV.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{nifti,kaggle,csv}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{nifti,bids,preprocess,kaggle,csv}")
 
     nifti = sub.add_parser("nifti", help="3D NIfTI volumes + split CSV -> axial PNG slices",
                            description="3D NIfTI volumes + split CSV -> axial PNG slices <pid>__NNN.png "
@@ -617,15 +730,51 @@ def build_parser():
                        help="folder of brain masks with the same file names as the volumes; used for intensity "
                             "percentiles and slice choice, and voxels outside the mask are set to 0 "
                             "(default: threshold at 10%% of the robust intensity range, nothing zeroed)")
-    choice = nifti.add_mutually_exclusive_group()
-    choice.add_argument("--min_brain_fraction", type=float, default=0.3,
-                        help="keep axial slices whose brain area is at least this fraction of the largest "
-                             "slice's brain area (default 0.3)")
-    choice.add_argument("--slices", default=None,
-                        help="keep this half-open range START:STOP of axial indices instead "
-                             "(0 = most inferior slice of the RAS-reoriented volume), e.g. 40:80")
-    nifti.add_argument("--image_size", type=int, default=192,
-                       help="side of the square PNG slices in pixels (default 192)")
+
+    bids = sub.add_parser("bids", help="BIDS dataset + rules over participants.tsv -> axial PNG slices",
+                          description="A BIDS dataset (sub-*/[ses-*/]anat/*_T1w.nii[.gz], participants.tsv) -> the "
+                                      "layout, one folder per patient, by rules over participants.tsv columns "
+                                      "(pandas query expressions). Writes OUT/split.csv: who went where.")
+    bids.add_argument("--root", required=True, help="the BIDS dataset's top folder")
+    bids.add_argument("--healthy", required=True,
+                      help="rule selecting the known-healthy set (train/neg), e.g. \"group == 'CN' and cohort == 'ref'\"")
+    bids.add_argument("--mixed", required=True,
+                      help="rule selecting the unannotated mixed set (train/pos + train/neg_mixed)")
+    bids.add_argument("--test", default=None, help="rule selecting the labelled test set (test/pos + test/neg)")
+    bids.add_argument("--diseased", required=True,
+                      help="rule giving the label inside the mixed and test sets, e.g. \"group == 'AD'\" (used "
+                           "to evaluate only; a known-healthy subject matching it is an error)")
+    bids.add_argument("--session", default=None,
+                      help="session label to use for every subject (default: the first session, reported)")
+    bids.add_argument("--run", default=None, help="run number to use (default: the first run, reported)")
+
+    preprocess = sub.add_parser("preprocess", help="one raw T1 scan: N4, registration to MNI152, brain mask",
+                                description="N4 bias-field correction, registration to the MNI152 2009a template "
+                                            "shipped with nilearn, and the template's brain mask carried back onto "
+                                            "the scan (antspyx). Writes the prepared scan on the template grid, "
+                                            "the brain mask on the scan's own grid and the transform into --out.")
+    preprocess.add_argument("scan", help="a 3D T1 .nii/.nii.gz scan")
+    preprocess.add_argument("--out", required=True, help="output folder")
+
+    for command in (nifti, bids):
+        choice = command.add_mutually_exclusive_group()
+        choice.add_argument("--min_brain_fraction", type=float, default=0.3,
+                            help="keep axial slices whose brain area is at least this fraction of the largest "
+                                 "slice's brain area (default 0.3)")
+        choice.add_argument("--slices", default=None,
+                            help="keep this half-open range START:STOP of axial indices instead "
+                                 "(0 = most inferior slice of the RAS-reoriented volume), e.g. 40:80")
+        command.add_argument("--image_size", type=int, default=192,
+                             help="side of the square PNG slices in pixels (default 192)")
+        command.add_argument("--preprocess", action="store_true",
+                             help="first N4, registration to the MNI152 template and brain extraction (antspyx); "
+                                  "slices are then taken on the template grid, and OUT/preprocessed/ keeps each "
+                                  "scan's brain mask (on its own grid) and transform")
+    for command in (nifti, bids, preprocess):
+        command.add_argument("--registration", choices=("affine", "syn"), default="affine",
+                             help="with preprocessing: affine (default) or syn (affine + deformable, slower)")
+        command.add_argument("--template_resolution", type=int, default=1, choices=(1, 2, 3),
+                             help="with preprocessing: voxel size in mm of the template grid (default 1)")
 
     kaggle = sub.add_parser("kaggle", help="Kaggle 'Best Alzheimer MRI dataset' -> layout",
                             description="Kaggle 'Best Alzheimer MRI dataset' (Combined Dataset/{train,test}/"
@@ -652,18 +801,31 @@ def build_parser():
     from_csv.add_argument("--link", action="store_true",
                           help="hard-link the slices instead of copying them (same file system only)")
 
-    for command in (nifti, kaggle, from_csv):
+    for command in (nifti, bids, kaggle, from_csv):
         command.add_argument("--out", required=True, help="output dataset folder, e.g. data/NAME")
         command.add_argument("--overwrite", action="store_true",
-                             help="allow a non-empty --out: its five layout folders are replaced, other files kept")
+                             help="allow a non-empty --out: its five layout folders and prepare.json, split.csv and "
+                                  "preprocessed/ are replaced, other files kept")
     return parser
 
 
 def run(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command in ("nifti", "bids", "preprocess"):
+        import preprocessing
+        settings = preprocessing.PreprocessSettings(args.registration, args.template_resolution)
+        preprocess = settings if args.command == "preprocess" or args.preprocess else None
+        if preprocess is not None:
+            preprocessing.require_ants()
     if args.command == "nifti":
         prepare_nifti(args.volumes, args.split, args.out, args.masks, args.min_brain_fraction, args.slices,
-                      args.image_size, args.overwrite)
+                      args.image_size, args.overwrite, preprocess)
+    elif args.command == "bids":
+        rules = {"healthy": args.healthy, "mixed": args.mixed, **({"test": args.test} if args.test else {})}
+        prepare_bids(args.root, args.out, rules, args.diseased, args.session, args.run, args.min_brain_fraction,
+                     args.slices, args.image_size, args.overwrite, preprocess)
+    elif args.command == "preprocess":
+        preprocess_one(args.scan, args.out, preprocess)
     elif args.command == "kaggle":
         prepare_kaggle(args.src, args.out, args.mixed_disease_share, args.neg_share, args.seed, args.overwrite)
     else:

@@ -3,10 +3,11 @@
 #   bash score.sh MedicalData 100000 new_scans/ --save_maps 4      (a folder of PNG/JPG slices <pid>__NNN.png)
 #   bash score.sh MedicalData 100000 sub-01.nii.gz                 (a NIfTI volume, or a folder of them)
 # Writes one row per patient/scan (pid, n_slices, score, flagged) to runs/NAME/results/ITER/.../scores_TAG.csv.
-# NIfTI input is prepared as `prepare_data.py nifti` does (--min_brain_fraction / --slices as there), and each
+# NIfTI input is prepared exactly as the run's training data were (runs/NAME/models/prepare.json: N4, registration
+# and brain mask when they had them, then the same slicing; --prepared for scans you prepared yourself), and each
 # scan also gets TAG-folder/<pid>_anomaly.nii.gz (the map on the scan's own grid and affine) and <pid>_anomaly.png.
-# A bad volume given alone stops with exit 2; inside a folder it is skipped with a warning (exit 0 when at least
-# one volume was scored). Existing outputs are never overwritten.
+# A scan that cannot be prepared, given alone, stops with exit 2; inside a folder it is refused with a warning
+# (exit 0 when at least one volume was scored). Existing outputs are never overwritten.
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: bash score.sh NAME ITER PATH [main.py flags]   (PATH: folder of slices, .nii/.nii.gz, or folder of them)" >&2

@@ -20,6 +20,8 @@ def score_folder(runtime, config):
     folder = c.image_dir
     volumes = volume_scoring.find_volumes(folder)
     paths = None if volumes else data_loader.list_images_recursive(folder)
+    # how the scans will be prepared, settled before any network is loaded: a refusal costs nothing
+    preparation = volume_scoring.scoring_preparation(c) if volumes else None
     iteration = resolve_iteration(c, c.test_iters)
     networks = load_for_scoring(runtime, c, iteration)
     reference = known_healthy_reference(runtime, networks)
@@ -31,7 +33,7 @@ def score_folder(runtime, config):
             return None
         return volume_scoring.score_volumes_command(volumes, scoring.anomaly_maps(runtime, networks), networks.config,
                                                     threshold, c.output or out.folder_scores(tag),
-                                                    f"checkpoint {iteration} ({networks.reconstruction})")
+                                                    f"checkpoint {iteration} ({networks.reconstruction})", preparation)
     output = c.output or out.folder_scores(tag)
     run_layout.refuse_existing_outputs([output, out.folder_maps(tag) if c.save_maps > 0 else None])
     panels = scoring.AnomalyPanels(paths, None, None, out.folder_maps(tag), c.save_maps, folder,

@@ -1,17 +1,18 @@
 # Sourced by demo.sh, run_tests.sh and the train/test scripts: picks the Python to use, and on a fresh
 # machine creates .venv with the pinned requirements.txt (about 2 minutes, once). run_tests.sh sets
-# BRAINOMALY_REQUIREMENTS=requirements-dev.txt to add the test packages.
+# BRAINOMALY_REQUIREMENTS=requirements-dev.txt to add the test packages and the optional preprocessing packages
+# (requirements-preprocess.txt, installed without dependency resolution: it lists every dependency itself).
 # Set BRAINOMALY_PYTHON to use another interpreter (for example a conda environment's python).
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-# pip-install requirements file $1 into .venv unless this very file was installed there already
+# pip-install requirements file $1 into .venv unless this very file was installed there already ($3: pip options)
 install_requirements() {
-  local file="$repo_root/$1" stamp="$2"
+  local file="$repo_root/$1" stamp="$2" options="${3:-}"
   if [ ! -f "$stamp" ] || ! cmp -s "$file" "$stamp"; then
     echo "Setting up $venv from $1 (once; about 2 minutes)..." >&2
     python3 -m venv "$venv" || { echo "error: could not create $venv; install python3-venv (Python 3.11)." >&2; exit 2; }
     "$venv/bin/python" -m pip install --quiet --upgrade pip >&2 &&
-      "$venv/bin/python" -m pip install --quiet -r "$file" >&2 ||
+      "$venv/bin/python" -m pip install --quiet $options -r "$file" >&2 ||
       { echo "error: pip could not install $1 into $venv (see the messages above)." >&2; exit 2; }
     cp "$file" "$stamp"
   fi
@@ -24,6 +25,7 @@ else
   install_requirements requirements.txt "$venv/.requirements.installed"
   if [ "${BRAINOMALY_REQUIREMENTS:-requirements.txt}" = requirements-dev.txt ]; then
     install_requirements requirements-dev.txt "$venv/.requirements-dev.installed"
+    install_requirements requirements-preprocess.txt "$venv/.requirements-preprocess.installed" --no-deps
   fi
   PYTHON="$venv/bin/python"
 fi

@@ -16,6 +16,7 @@ from tqdm import tqdm
 import checkpoint as ckpt
 import data_loader
 import distributed
+import preparation_record
 import visualize
 from ema import EMA
 from errors import UserError
@@ -210,6 +211,7 @@ def train(runtime, config):
     writes = runtime.is_main  # rank 0 alone writes checkpoints, samples and logs
     if writes:
         write_json(saved_config(c), os.path.join(c.model_save_dir, "config.json"))
+        preparation_record.copy_into_run(c.image_dir, c.model_save_dir)  # score mode repeats that preparation
     # as many healthy as mixed samples, so each grid row pairs one of each (the held-out split can leave fewer
     # healthy slices than mixed ones)
     n_samples = min(8, len(mixed.paths), len(healthy.paths))

@@ -1,6 +1,8 @@
-"""Score whole NIfTI scans: each volume is prepared exactly as `prepare_data.py nifti` prepares it, scored slice
-by slice, and its anomaly map is written back onto the scan's own voxel grid (`<pid>_anomaly.nii.gz`) with an
-overlay montage (`<pid>_anomaly.png`).
+"""Score whole NIfTI scans: each volume is prepared exactly as the run's training data were (prepare.json, see
+preparation_record.py: slicing as `prepare_data.py nifti`, after N4, registration and brain extraction when the
+training data had them), scored slice by slice, and its anomaly map is written back onto the scan's own voxel grid
+(`<pid>_anomaly.nii.gz`, through the inverse registration when there was one) with an overlay montage
+(`<pid>_anomaly.png`) and, when preprocessed, the brain mask on the scan's grid (`<pid>_brain_mask.nii.gz`).
 
 The model is a callable, so nothing here knows about networks:
     anomaly_maps(batch, names) -> (N, S, S) maps, batch (N, 1, S, S) in [-1, 1] on the CPU, names the slice file
@@ -11,15 +13,20 @@ Rule for bad volumes: a single file that cannot be scored stops with a UserError
 volumes are skipped with one warning each and the others are scored; exit 0 when at least one was scored.
 """
 import os
+import shutil
 import sys
+import tempfile
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import metrics
 import prepare_data
 import visualize
+from preparation_record import ScoringPreparation, for_scoring
 from data_loader import BORDER_PAD, is_image_file, preprocess, slice_filename, to_8bit
 from errors import UserError
 from run_layout import refuse_existing_outputs, write_csv
@@ -61,8 +68,10 @@ def volume_pid(path):
     return prepare_data.strip_nifti_extension(os.path.basename(path))
 
 
-def output_paths(folder, pid):
-    return os.path.join(folder, f"{pid}_anomaly.nii.gz"), os.path.join(folder, f"{pid}_anomaly.png")
+def output_paths(folder, pid, preprocessed=False):
+    """The anomaly NIfTI, its overlay PNG and, for a preprocessed scan, its brain mask on the scan's grid."""
+    paths = (os.path.join(folder, f"{pid}_anomaly.nii.gz"), os.path.join(folder, f"{pid}_anomaly.png"))
+    return paths + ((os.path.join(folder, f"{pid}_brain_mask.nii.gz"),) if preprocessed else ())
 
 
 def slice_batch(prepared):
@@ -97,10 +106,10 @@ def to_input_grid(prepared, canonical):
     return np.ascontiguousarray(nib.orientations.apply_orientation(canonical, back), dtype=np.float32)
 
 
-def anomaly_image(prepared, volume):
-    """A float32 NIfTI of `volume` (the input's grid) with the input's header, affine, qform and sform."""
+def anomaly_image(source, volume):
+    """A float32 NIfTI of `volume` (the grid of the nibabel image source) with source's header, affine, qform and
+    sform."""
     import nibabel as nib
-    source = prepared.image
     image_class = type(source) if isinstance(source, nib.Nifti1Image) else nib.Nifti1Image
     header = source.header.copy() if isinstance(source, nib.Nifti1Image) else None
     image = image_class(volume, source.affine, header=header)
@@ -146,8 +155,27 @@ def save_overlay(prepared, canonical, path, title):
                                    f"right on the left", threshold, aspect, label="anomaly |x - x_r| / 2")
 
 
-def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_size=16, min_brain_fraction=0.3,
-                  slice_range=None, score_region="head"):
+def prepare_for_scoring(path, pid, preparation, work_dir, image_size):
+    """(PreparedVolume, PreprocessedScan or None) of one scan, as preparation says."""
+    fraction, slice_range = preparation.min_brain_fraction, preparation.slice_range
+    if preparation.preprocess is None or preparation.repeat_preprocessing:
+        return prepare_data.prepare_scan(path, pid, None, preparation.preprocess, work_dir, fraction, slice_range,
+                                         image_size)
+    import nibabel as nib
+    import preprocessing
+    template_path, template_mask = preprocessing.write_template(work_dir, preparation.preprocess.template_resolution)
+    prepare_data.load_volume(path)
+    scan, template = nib.load(path), nib.load(template_path)
+    if scan.shape[:3] != template.shape or not np.allclose(scan.affine, template.affine, atol=1e-3):
+        raise UserError(f"scan {path} is not on the {preprocessing.TEMPLATE} template grid the training data were "
+                        f"sliced on (shape {scan.shape[:3]}, template {template.shape}); --prepared expects the "
+                        f"*_space-{preprocessing.TEMPLATE}_T1w.nii.gz that prepare_data.py preprocess writes.\n"
+                        f"Fix: drop --prepared so the scan is prepared as the training data were.")
+    return prepare_data.prepare_volume(path, template_mask, fraction, slice_range, image_size), None
+
+
+def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_size=16,
+                  preparation=ScoringPreparation(), score_region="head"):
     """Score NIfTI volumes; write each scan's anomaly NIfTI and overlay PNG into the folder named like csv_path
     without .csv. Returns (CSV rows pid, n_slices, score, flagged; [(skipped path, reason)]); the caller writes
     the rows to csv_path (refused up front, like the maps, when it exists)."""
@@ -159,30 +187,40 @@ def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_
             raise UserError(f"two volumes would share the patient id {pid}: {seen[pid]} and {path}.\n"
                             f"Fix: rename one of them, or score their folders separately.")
         seen[pid] = path
-    refuse_existing_outputs([csv_path] + [path for pid in pids for path in output_paths(volume_dir, pid)])
+    preprocessed = preparation.repeat_preprocessing
+    refuse_existing_outputs([csv_path] + [p for pid in pids for p in output_paths(volume_dir, pid, preprocessed)])
     rows, skipped = [], []
-    for number, (path, pid) in enumerate(zip(volumes, pids), start=1):
-        try:
-            prepared = prepare_data.prepare_volume(path, None, min_brain_fraction, slice_range, image_size)
-        except UserError as err:
-            if len(volumes) == 1:
-                raise
-            skipped.append((path, str(err).splitlines()[0]))
-            print(f"warning: skipped {path}: {skipped[-1][1]}", file=sys.stderr)
-            continue
-        slice_scores, maps = score_volume(prepared, anomaly_maps, batch_size, score_region)
-        patient = metrics.aggregate_patients([pid] * len(slice_scores), slice_scores)
-        score = float(patient["score"][0])
-        canonical = canonical_map(prepared, maps)
-        nifti_path, png_path = output_paths(volume_dir, pid)
-        os.makedirs(volume_dir, exist_ok=True)
-        anomaly_image(prepared, to_input_grid(prepared, canonical)).to_filename(nifti_path)
-        flagged = int(score > threshold)
-        save_overlay(prepared, canonical, png_path,
-                     f"{pid}: score {score:.4f} ({'flagged' if flagged else 'not flagged'}, threshold {threshold:.4f})")
+    bar = tqdm(list(zip(volumes, pids)), desc="scoring scans", unit="scan", file=sys.stderr, disable=None)
+    for number, (path, pid) in enumerate(bar, start=1):
+        bar.set_postfix_str(pid)
+        with tempfile.TemporaryDirectory(prefix=".brainomaly-prepare-") as work_dir:
+            try:
+                prepared, scan = prepare_for_scoring(path, pid, preparation, work_dir, image_size)
+            except UserError as err:
+                if len(volumes) == 1:
+                    raise
+                skipped.append((path, str(err).splitlines()[0]))
+                tqdm.write(f"warning: skipped {path}: {skipped[-1][1]}", file=sys.stderr)
+                continue
+            slice_scores, maps = score_volume(prepared, anomaly_maps, batch_size, score_region)
+            patient = metrics.aggregate_patients([pid] * len(slice_scores), slice_scores)
+            score = float(patient["score"][0])
+            canonical = canonical_map(prepared, maps)
+            outputs = output_paths(volume_dir, pid, preprocessed)
+            os.makedirs(volume_dir, exist_ok=True)
+            on_grid, source = to_input_grid(prepared, canonical), prepared.image
+            if scan is not None:  # the map was made on the template grid: back through the inverse registration
+                import nibabel as nib
+                import preprocessing
+                on_grid, source = preprocessing.to_scan_grid(on_grid, scan, path), nib.load(path)
+                shutil.copyfile(scan.brain_mask, outputs[2])
+            anomaly_image(source, on_grid).to_filename(outputs[0])
+            flagged = int(score > threshold)
+            save_overlay(prepared, canonical, outputs[1], f"{pid}: score {score:.4f} "
+                         f"({'flagged' if flagged else 'not flagged'}, threshold {threshold:.4f})")
         rows.append({"pid": pid, "n_slices": len(slice_scores), "score": f"{score:.9g}", "flagged": flagged})
-        print(f"[{number}/{len(volumes)}] {pid}: {len(slice_scores)} slices, score {score:.6f} -> {nifti_path}",
-              flush=True)
+        tqdm.write(f"[{number}/{len(volumes)}] {pid}: {len(slice_scores)} slices, score {score:.6f} -> {outputs[0]}",
+                   file=sys.stdout)
     if not rows:
         raise UserError(f"none of the {len(volumes)} volumes could be scored:\n  "
                         + "\n  ".join(f"{p}: {why}" for p, why in skipped)
@@ -190,18 +228,27 @@ def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_
     return rows, skipped
 
 
-def score_volumes_command(volumes, anomaly_maps, config, threshold, csv_path, model_name):
-    """Score mode on NIfTI input: score, write the CSV (run_layout.write_csv), print a summary."""
-    slice_range = prepare_data.parse_slices(config.slices) if config.slices else None
+def scoring_preparation(config):
+    """The ScoringPreparation score mode uses: the run's prepare.json, --prepared, --min_brain_fraction, --slices."""
+    return for_scoring(config.model_save_dir, config.prepared, config.min_brain_fraction, config.slices)
+
+
+def score_volumes_command(volumes, anomaly_maps, config, threshold, csv_path, model_name, preparation):
+    """Score mode on NIfTI input: prepare as preparation says, score, write the CSV (run_layout.write_csv), print a
+    summary (scans scored, refused with their reasons, time)."""
+    started = time.monotonic()
+    print(f"Preparing each scan {preparation.description}.")
     rows, skipped = score_volumes(volumes, anomaly_maps, config.image_size, csv_path, threshold,
-                                  config.score_batch_size, config.min_brain_fraction, slice_range, config.score_region)
+                                  config.score_batch_size, preparation, config.score_region)
     write_csv(rows, csv_path)
     flagged = sum(row["flagged"] for row in rows)
-    print(f"Scored {len(rows)} of {len(volumes)} volumes from {config.image_dir} with {model_name}.\n"
+    seconds = time.monotonic() - started
+    print(f"Scored {len(rows)} of {len(volumes)} volumes from {config.image_dir} with {model_name} in {seconds:.1f} s "
+          f"({seconds / len(volumes):.1f} s per scan).\n"
           f"Flagged {flagged} above the {config.flag_percentile:g}th percentile of known-healthy patient scores "
           f"({threshold:.6f}).\nWrote {csv_path} and the anomaly maps (.nii.gz on each input's grid, overlay .png) "
           f"in {os.path.splitext(csv_path)[0]}")
     if skipped:
-        print(f"Skipped {len(skipped)} volume(s) that could not be scored:\n  "
+        print(f"Refused {len(skipped)} volume(s) that could not be prepared:\n  "
               + "\n  ".join(f"{path}: {why}" for path, why in skipped), file=sys.stderr)
     return rows

@@ -196,6 +196,11 @@ def test_score_sh_on_a_nifti_scan_writes_csv_map_and_overlay(toy_dataset, tmp_pa
     write(nib.Nifti1Image(np.full(SHAPE, np.nan, np.float32), np.eye(4)), scans / "sub-nan.nii.gz")
     score = ["bash", f"{REPO}/score.sh", "Toy", "2"]
     flags = ["--num_workers", "0", "--ddim_steps", "2", "--score_batch_size", "4", "--refiner", "on"]
+    # The toy slices were not made by prepare_data.py, so the run records no preparation to repeat on a scan.
+    unknown = run([*score, "scans/sub-01.nii.gz", *flags], work)
+    assert unknown.returncode == 2 and "records no preparation" in unknown.stderr and "--prepared" in unknown.stderr
+    assert not (tmp_path / "runs/Toy/results/2/refined/scores_sub-01.csv").exists()
+    flags.append("--prepared")
     one = run([*score, "scans/sub-01.nii.gz", *flags], work)
     assert one.returncode == 0, one.stderr[-3000:]
     results = tmp_path / "runs/Toy/results/2/refined"
@@ -222,5 +227,8 @@ def test_score_sh_on_a_nifti_scan_writes_csv_map_and_overlay(toy_dataset, tmp_pa
     folder = run([*score, "scans", *flags], work)
     assert folder.returncode == 0, folder.stderr[-3000:]
     assert "skipped scans/sub-nan.nii.gz" in folder.stderr
+    # the summary: scans done, refused with the reason, time
+    assert "Scored 1 of 2 volumes" in folder.stdout and " s per scan" in folder.stdout
+    assert "Refused 1 volume(s)" in folder.stderr and "NaN" in folder.stderr.split("Refused 1 volume(s)")[1]
     folder_rows = read_csv(results / "scores_scans.csv")
     assert folder_rows == rows  # same scan, same score, whether alone or in a folder
