@@ -191,14 +191,36 @@ def select_last_unless_beaten(candidates):
     return best_by_aucp(beating) if beating else last
 
 
+def smoothed_candidates(candidates, window=SMOOTHING_WINDOW):
+    """{smoothed candidate: its candidate}: each candidate's AUCp and draws averaged with those of its neighbouring
+    checkpoints of the same reconstruction (a gain from healing persists over neighbouring checkpoints; a spike of
+    one checkpoint's noise is divided by the window)."""
+    smoothed = {}
+    for reconstruction in {str(c.reconstruction) for c in candidates}:
+        curve = sorted((c for c in candidates if str(c.reconstruction) == reconstruction), key=lambda c: c.iteration)
+        half = window // 2
+        for i, c in enumerate(curve):
+            neighbours = curve[max(0, i - half):i + half + 1]
+            smoothed[Candidate(c.iteration, c.reconstruction, float(np.mean([n.aucp for n in neighbours])),
+                               np.mean([n.draws for n in neighbours], axis=0))] = c
+    return smoothed
+
+
+def select_smoothed_last_unless_beaten(candidates):
+    """last_unless_beaten on AUCp averaged over neighbouring checkpoints (draws averaged alike)."""
+    smoothed = smoothed_candidates(candidates)
+    return smoothed[select_last_unless_beaten(list(smoothed))]
+
+
 RULES = {
+    "smoothed_last_unless_beaten": select_smoothed_last_unless_beaten,
     "last_unless_beaten": select_last_unless_beaten,
     "one_se": select_one_se,
     "smoothed": select_smoothed,
     "max": select_max,
     "last": select_last,
 }
-DEFAULT_RULE = "last_unless_beaten"
+DEFAULT_RULE = "smoothed_last_unless_beaten"
 CANDIDATE_SETS = {"coarse": (Reconstruction.COARSE,), "coarse+calibrated": WITHOUT_REFINER}
 DEFAULT_CANDIDATES = "coarse+calibrated"
 
@@ -234,24 +256,20 @@ def selection_summary(candidates, chosen, rule, candidate_set):
 class RefinerVerdict:
     """The check of the refiner trained on the pick, on held-out known-healthy patients against the mixed set."""
     refiner_helps: bool
-    bar: str  # the reconstruction the pick chose: what the refiner must beat
-    error_change: float  # refined held-out healthy error / the bar's - 1
+    bar: str  # the reconstruction the pick chose: the AUCp the refiner must keep, and --refiner auto's fallback
+    error_change: float  # refined held-out healthy error / the lowest without the refiner - 1
     aucp_difference: float  # AUCp refined - the bar's
     difference_low: float  # the CONFIDENCE interval of that difference (paired bootstrap)
     difference_high: float
     significantly_below: bool
 
-    def describe(self):
-        return (f"held-out healthy error {100 * self.error_change:+.1f}% against {self.bar}; AUCp refined - {self.bar} "
-                f"{self.aucp_difference:+.4f} ({100 * CONFIDENCE:.0f}% interval {self.difference_low:+.4f} to "
-                f"{self.difference_high:+.4f})")
-
 
 def refiner_verdict(bar, errors, aucp_draws):
-    """The refiner passes when it lowers the held-out known-healthy error below the bar's (the reconstruction the
-    pick chose) and its AUCp is not significantly below the bar's (one-sided paired bootstrap at SIGNIFICANCE):
-    a refiner that learns the GAN's artifacts lowers the error and keeps the separation; one that also erases
-    the disease lowers the error and loses AUCp beyond its noise.
+    """The refiner passes when
+    - its held-out known-healthy error is below the lowest without the refiner (x_c's or f(x_c)'s: f is the
+      cheapest correction of x_c, and a refiner that cannot beat it only learnt the per-intensity error), and
+    - its AUCp is not significantly below the bar's, the reconstruction the pick chose (one-sided paired bootstrap
+      at SIGNIFICANCE): a refiner that also erases the disease loses AUCp beyond its noise.
 
     errors: {reconstruction: mean held-out healthy error}; aucp_draws: {reconstruction: (point, draws)} on the
     same bootstrap."""
@@ -260,8 +278,9 @@ def refiner_verdict(bar, errors, aucp_draws):
     difference = refined_draws - bar_draws
     below = float(np.mean(difference >= 0)) < SIGNIFICANCE
     low, high = interval(difference)
-    change = errors["refined"] / errors[bar] - 1
-    return RefinerVerdict(refiner_helps=bool(errors["refined"] < errors[bar] and not below), bar=bar,
+    error_bar = min(error for name, error in errors.items() if name != "refined")
+    change = errors["refined"] / error_bar - 1 if error_bar > 0 else float("inf")
+    return RefinerVerdict(refiner_helps=bool(errors["refined"] < error_bar and not below), bar=bar,
                           error_change=float(change), aucp_difference=float(refined - bars),
                           difference_low=low, difference_high=high, significantly_below=below)
 

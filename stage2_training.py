@@ -117,7 +117,7 @@ def holdout_check(runtime, config, iteration, generator, refiner, paths, correct
     if bar not in beside:  # no pick for this checkpoint (or it chose f(x_c), which this run cannot fit)
         bar = max(beside, key=lambda name: (check[f"aucp_{name}"], name == "coarse"))
     verdict = decisions.refiner_verdict(bar, {name: check[f"{name}_error"] for name in scores}, aucp)
-    check.update(bar=bar, fallback=bar, refiner_helps=verdict.refiner_helps,
+    check.update(bar=bar, fallback=bar, refiner_helps=verdict.refiner_helps, error_change=verdict.error_change,
                  aucp_difference=verdict.aucp_difference, aucp_difference_interval=[verdict.difference_low,
                                                                                     verdict.difference_high],
                  aucp_significantly_below=verdict.significantly_below, ddim_steps=config.ddim_steps,
@@ -132,13 +132,12 @@ def report_holdout_check(check, config, iteration):
         print("Refiner check skipped: train/neg has a single patient, so none could be held out.")
         return
     bar = check.get("bar", "coarse")
-    change = 100 * (check["refined_error"] / check[f"{bar}_error"] - 1)
     print(f"Refiner check on {check['held_out_slices']} held-out known-healthy slices ({check['held_out_patients']} "
-          f"patients never trained on), against its bar, the {bar} reconstruction: {describe_check(check)}; "
-          f"refined error {change:+.1f}%.")
-    if check["refined_error"] >= check[f"{bar}_error"]:
-        print(f"WARNING: the refiner does NOT reconstruct healthy slices it has not seen better than the {bar} "
-              f"reconstruction, so it would add error, not remove the GAN's artifacts.")
+          f"patients never trained on), against the {bar} reconstruction: {describe_check(check)}; refined error "
+          f"{100 * check['error_change']:+.1f}% against the lowest without the refiner.")
+    if check["error_change"] >= 0:
+        print("WARNING: the refiner does NOT reconstruct healthy slices it has not seen better than the coarse and "
+              "intensity-corrected reconstructions, so it would add error, not remove the GAN's artifacts.")
     if check.get("aucp_significantly_below"):
         print(f"WARNING: the refined score separates the held-out healthy patients from the mixed set significantly "
               f"LESS well than the {bar} reconstruction (AUCp), so the refiner would blur the disease signal: it also "

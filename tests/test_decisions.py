@@ -95,6 +95,30 @@ def test_the_last_checkpoint_is_kept_unless_a_candidate_beats_it_beyond_the_corr
     assert decisions.select_last_unless_beaten(far + [last]).iteration == 200  # +0.20: z 4.7, beyond any correction
 
 
+def correlated_candidates(iterations, aucps, se, correlation, seed=0):
+    """Candidates whose draws share a component (correlation between any two), as the checkpoints of one run do."""
+    rng = np.random.default_rng(seed)
+    common = rng.standard_normal(2000)
+    return [Candidate(i, "coarse", a, a + se * (np.sqrt(correlation) * common
+                                                + np.sqrt(1 - correlation) * rng.standard_normal(2000)))
+            for i, a in zip(iterations, aucps)]
+
+
+def test_a_recorded_one_checkpoint_spike_is_taken_by_max_and_the_plain_test_but_not_by_the_shipped_rule():
+    """The AUCp curve of `bash demo.sh --full --data CohortB` (docs/experiments.md): 800 spikes, its neighbours do
+    not, and the GAN heals from 2,400 on. With an AUCp's noise (se 0.07, draws of two checkpoints correlated 0.84
+    as in the scored runs) max and the plain last-unless-beaten take 800; the shipped rule keeps the newest."""
+    iterations = list(range(400, 4000, 400))
+    aucps = [0.475, 0.614, 0.395, 0.497, 0.502, 0.437, 0.469, 0.513, 0.505]
+    candidates = correlated_candidates(iterations, aucps, 0.07, 0.84)
+    assert decisions.select_max(candidates).iteration == 800
+    assert decisions.select_last_unless_beaten(candidates).iteration == 800
+    assert decisions.pick(candidates).iteration == 3600
+    # a gain that persists over neighbouring checkpoints still beats the newest
+    plateau = correlated_candidates(iterations, [0.48, 0.70, 0.72, 0.71, 0.50, 0.48, 0.47, 0.50, 0.50], 0.07, 0.84)
+    assert decisions.pick(plateau).iteration in (800, 1200, 1600)
+
+
 def recorded_sweep(spike_at=300, seed=0):
     """Patient scores of five checkpoints of one run (14 held-out healthy, 60 mixed patients): a real signal that
     grows slowly with training, plus, at one checkpoint, eight mixed patients that happen to score high."""
@@ -118,6 +142,7 @@ def test_the_shipped_rule_does_not_take_a_one_checkpoint_spike_that_max_aucp_tak
     assert decisions.select_max(candidates).iteration == 300, aucps
     assert decisions.pick(candidates).iteration != 300, aucps
     assert decisions.pick(candidates).iteration == 500
+    assert decisions.select_last_unless_beaten(candidates).iteration == 500
 
 
 def test_the_selection_summary_holds_every_candidates_interval_and_its_paired_difference_from_the_pick():
@@ -169,6 +194,14 @@ def test_the_check_fails_a_refiner_whose_aucp_is_lower_by_far_more_than_its_nois
                                         {"refined": refined, "coarse": bar})
     assert bar[0] - refined[0] > 0.2
     assert verdict.significantly_below and not verdict.refiner_helps and verdict.difference_high < 0
+
+
+def test_the_check_fails_a_refiner_that_beats_the_picks_error_but_not_the_intensity_correction():
+    bar, refined = check_scores(refined_shift=0.0)
+    verdict = decisions.refiner_verdict("coarse", {"refined": 0.004, "coarse": 0.005, "calibrated": 0.0035},
+                                        {"refined": refined, "coarse": bar})
+    assert not verdict.significantly_below and not verdict.refiner_helps
+    assert verdict.error_change == pytest.approx(0.004 / 0.0035 - 1)
 
 
 def test_the_check_fails_a_refiner_that_does_not_lower_the_held_out_healthy_error():

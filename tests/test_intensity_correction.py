@@ -168,7 +168,10 @@ def test_the_refiner_check_bar_is_the_reconstruction_the_pick_chose(toy_dataset,
     assert check["bar"] == "calibrated" and check["calibrated_error"] < 0.2 * check["coarse_error"]
     assert check["refined_error"] > check["calibrated_error"] and not check["refiner_helps"]
     assert check["fallback"] == "calibrated"  # --refiner auto then scores as the pick chose
-    assert holdout_check(runtime, config, 0, generator, half, held_out, correction, bar="coarse")["refiner_helps"]
+    # a pick of x_c keeps x_c as the fallback, and the refiner must still beat f(x_c)'s error
+    coarse_pick = holdout_check(runtime, config, 0, generator, half, held_out, correction, bar="coarse")
+    assert coarse_pick["refined_error"] < coarse_pick["coarse_error"] and not coarse_pick["refiner_helps"]
+    assert coarse_pick["fallback"] == "coarse"
     # a checkpoint no sweep picked: the bar is whichever reconstruction without the refiner separates best
     unpicked = holdout_check(runtime, config, 0, generator, half, held_out, correction)
     assert unpicked["bar"] == ("calibrated" if unpicked["aucp_calibrated"] > unpicked["aucp_coarse"] else "coarse")

@@ -95,8 +95,11 @@ def test_shell_scripts_train_and_run_the_three_protocols(toy_dataset, tmp_path):
     assert selection.returncode == 0, selection.stderr[-2000:]
     table = json.load(open(os.path.join(work, "runs/Toy/results/aucp_selection.json")))
     assert [row["iteration"] for row in table["table"]] == [3, 6]
-    best = max(table["table"], key=lambda row: row["auc"])["iteration"]
-    assert table["best_iteration"] == best and f"Best checkpoint by AUCp" in selection.stdout
+    # the pick, by the default rule, is printed as written, with every candidate's interval
+    assert table["rule"] == "smoothed_last_unless_beaten" and table["best_iteration"] in (3, 6)
+    assert (f"Checkpoint picked by the smoothed_last_unless_beaten rule (no disease labels used): {table['best_iteration']} "
+            f"with the {table['best_reconstruction']} reconstruction") in selection.stdout
+    assert len(table["candidates"]) == 4 and all(r["aucp_low"] <= r["aucp"] <= r["aucp_high"] for r in table["candidates"])
 
 
 def test_a_run_trained_without_a_holdout_scores_aucp_over_all_known_healthy_patients(toy_dataset, tmp_path):

@@ -54,6 +54,9 @@ def test_report_reads_the_files_the_protocols_write(toy_dataset, tmp_path):
         selection = json.load(f)
     assert selection["table"] == sweeps["aucp"]
     assert [row["iteration"] for row in selection["table"]] == [1, 2]
-    # the written choice is the highest AUCp of the written table, the earlier checkpoint on a tie
-    aucp = {row["iteration"]: row["auc"] for row in selection["table"]}
-    assert selection["best_iteration"] == (1 if aucp[1] >= aucp[2] else 2), aucp
+    # the written choice is the default rule's (the newest checkpoint: two untrained ones are not significantly
+    # different), with the reconstruction that separates best there, and every candidate's interval
+    last = {row["reconstruction"]: row["aucp"] for row in selection["candidates"] if row["iteration"] == 2}
+    assert selection["best_iteration"] == 2 and selection["best_reconstruction"] == max(last, key=last.get)
+    assert {(row["iteration"], row["reconstruction"]) for row in selection["candidates"]} == {
+        (1, "coarse"), (1, "calibrated"), (2, "coarse"), (2, "calibrated")}
