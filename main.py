@@ -144,10 +144,11 @@ def build_parser():
     e.add_argument("--select", choices=tuple(decisions.RULES), default=decisions.DEFAULT_RULE,
                    help="label-free rule that picks the checkpoint (and reconstruction) from the AUCp of every "
                         "checkpoint, each with a paired patient bootstrap: last_unless_beaten = the newest unless "
-                        "another is significantly better (corrected for the number of candidates); one_se = the "
-                        "newest within one standard error of the best; smoothed = the best AUCp averaged with its "
-                        "neighbouring checkpoints; max = the highest AUCp; last = the newest (docs/method.md "
-                        "compares them)")
+                        "another is significantly better (one-sided, corrected for the number of candidates); "
+                        "smoothed_last_unless_beaten = the same on AUCp averaged with the neighbouring checkpoints "
+                        "(a one-checkpoint spike does not win); one_se = the newest within one standard error of "
+                        "the best; smoothed = the best neighbour-averaged AUCp; max = the highest AUCp; last = the "
+                        "newest (docs/experiments.md compares them against the labels)")
     e.add_argument("--select_candidates", choices=tuple(decisions.CANDIDATE_SETS), default=decisions.DEFAULT_CANDIDATES,
                    help="reconstructions the pick may choose: coarse x_c only, or x_c and the intensity-corrected "
                         "f(x_c)")
