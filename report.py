@@ -88,8 +88,8 @@ def learning_curve(run_dir, iteration=None):
                 curves[f"{label}, refined"] = [refined["auc"] if i == iteration else None for i in iterations]
     intervals, picked = aucp_intervals(sweeps["aucp"], iterations)
     path = run_layout.learning_curve(result_dir)
-    visualize.save_learning_curve(iterations, curves, path, "AUCp and inductive AUC by stage-1 checkpoint "
-                                  "(bands: AUCp's 95% bootstrap interval)", intervals, picked)
+    visualize.save_learning_curve(iterations, curves, path, "AUCp (band: 95% bootstrap interval) and inductive AUC "
+                                  "by stage-1 checkpoint", intervals, picked)
     return path
 
 

@@ -108,7 +108,7 @@ def save_learning_curve(iterations, curves, path, title, intervals=None, picked=
                          *((f"{k} (high)", v[1]) for k, v in intervals.items())]:
         if len(values) != len(iterations):
             raise ValueError(f"curve {name!r} has {len(values)} values for {len(iterations)} iterations")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for name, values in curves.items():
         present = [v for v in values if v is not None]
         style = {"marker": "*", "ms": 14, "ls": "none"} if len(present) == 1 else {"marker": "o", "ms": 3}
@@ -121,7 +121,7 @@ def save_learning_curve(iterations, curves, path, title, intervals=None, picked=
                     mec="black", ls="none", label="label-free pick")
     ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
     ax.set(ylim=(0, 1), xlabel="iteration", ylabel="value", title=title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the axes: the bands stay visible
     fig.tight_layout()
     _save(fig, path)
 
