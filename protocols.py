@@ -227,12 +227,14 @@ def checkpoint_sweep(runtime, config, name):
     if not runtime.is_main:
         return table
     summary = {"protocol": name, "table": table}
-    others = [key for key in table[0] if key.startswith("auc_") and key != f"auc_{table[0]['reconstruction']}"]
+    # a column per reconstruction any row has, but the one every row is scored with (its AUC column says it)
+    others = [key for key in run_layout.columns(table) if key.startswith("auc_")
+              and any(row["reconstruction"] != key[4:] for row in table)]
     print(f"\n{protocol.title} AUC by checkpoint")
     print(f"{'iteration':>10}  {'reconstruction':>14}  {'AUC':>7}" + "".join(f"  {k[4:]:>10}" for k in others))
     for row in table:
         print(f"{row['iteration']:>10}  {row['reconstruction']:>14}  {row['auc']:7.4f}"
-              + "".join(f"  {row[k]:10.4f}" for k in others))
+              + "".join(f"  {row[k]:10.4f}" if k in row else f"  {'':>10}" for k in others))
     if protocol.label_free:
         best, best_reconstruction, best_aucp = best_checkpoint(table, with_reconstruction=True)
         summary.update(best_iteration=best, best_reconstruction=best_reconstruction)
