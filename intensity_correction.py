@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import data_loader
 import metrics
+import run_config
 import run_layout
 from model import healthy_reconstruction
 
@@ -108,7 +109,7 @@ def for_checkpoint(runtime, config, iteration, generator, training_config):
         except (ValueError, KeyError):  # a torn file (a write cut short): fit again, same slices, same f
             pass
     training_dir = training_config.get("image_dir", config.image_dir)
-    trained_on = data_loader.stage1_known_healthy_split(training_dir, training_config)[0]
+    trained_on = run_config.known_healthy_split(training_dir, training_config)[0]
     correction = fit_on_slices(runtime, generator, trained_on, config.image_size, config.score_batch_size)
     if runtime.is_main:
         run_layout.write_json({"checkpoint": iteration, "fitted_on": f"{len(trained_on)} known-healthy slices "

@@ -25,6 +25,7 @@ import checkpoint as ckpt
 import data_loader
 import distributed
 import metrics
+import run_config
 import run_layout
 import scoring
 import visualize
@@ -67,7 +68,7 @@ def held_out_known_healthy(training_config, image_dir):
     trained_dir = training_config.get("image_dir", image_dir)
     if os.path.realpath(trained_dir) != os.path.realpath(image_dir):
         return None
-    return data_loader.stage1_known_healthy_split(image_dir, training_config)[1] or None
+    return run_config.known_healthy_split(image_dir, training_config)[1] or None
 
 
 def protocol_slices(networks, name, image_dir):
