@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+import cache_keys
 import checkpoint as ckpt
 import data_loader
 import distributed
@@ -133,6 +134,7 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     if protocol.healthy_reference and runtime.is_main:
         healthy = patients["score"][patients["label"] == 0]
         run_layout.write_json({"checkpoint": iteration, "reconstruction": reconstruction,
+                               "made_with": cache_keys.scoring_key(networks),
                                "percentile_95": metrics.healthy_percentile_threshold(healthy, 95),
                                "map_scale": healthy_maps.scale(), "healthy_patient_scores": healthy.tolist()},
                               out.healthy_reference)
@@ -175,14 +177,16 @@ def side_reconstructions(networks):
 
 def known_healthy_reference(runtime, networks):
     """The AUCp run's known-healthy reference of these networks (patient scores: score mode's flag threshold;
-    map_scale: the top of every anomaly panel's colour scale); the AUCp protocol is run once if it has not been."""
+    map_scale: the top of every anomaly panel's colour scale); the AUCp protocol is run where there is none yet, or
+    where the one there was computed with other settings or weights (cache_keys)."""
     c = networks.config
     reference = run_layout.CheckpointResults(c.result_dir, networks.iteration, networks.reconstruction).healthy_reference
-    if not distributed.broadcast(os.path.isfile(reference)):  # rank 0's answer: every rank takes part in scoring
+    why = distributed.broadcast(reference_out_of_date(reference, networks) if runtime.is_main else None)
+    if why:  # rank 0's answer: every rank takes part in scoring
         training_dir = networks.training_config.get("image_dir", c.image_dir)
-        distributed.main_print(f"No known-healthy reference for checkpoint {networks.iteration} "
-                               f"({networks.reconstruction}) yet: scoring {training_dir}/train/neg and the mixed "
-                               f"set once (the AUCp protocol).")
+        distributed.main_print(f"The known-healthy reference for checkpoint {networks.iteration} "
+                               f"({networks.reconstruction}) {why}: scoring {training_dir}/train/neg and the mixed "
+                               f"set (the AUCp protocol).")
         started = time.time()
         paths, labels = protocol_slices(networks, "aucp", training_dir)
         reference_networks = networks._replace(config=replace_config(c, image_dir=training_dir, save_maps=0))
@@ -191,6 +195,16 @@ def known_healthy_reference(runtime, networks):
         return distributed.broadcast(None)
     with open(reference) as f:
         return distributed.broadcast(json.load(f))
+
+
+def reference_out_of_date(path, networks):
+    """None when the known-healthy reference at `path` was computed by these networks with these settings, else
+    why it must be computed (again)."""
+    if not os.path.isfile(path):
+        return "does not exist yet"
+    with open(path) as f:
+        why = cache_keys.stale_reason(json.load(f).get("made_with"), cache_keys.scoring_key(networks))
+    return why and f"is out of date ({why})"
 
 
 def test(runtime, config, name):
