@@ -35,8 +35,10 @@ def test_each_protocol_scores_its_own_sets_with_its_labels(toy_dataset):
                     **{f"mneg{i}": 1 for i in range(4)}}
 
 
-def run(command, cwd, **kwargs):
-    env = {**os.environ, "PYTHONPATH": REPO, "BRAINOMALY_PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+def run(command, cwd, home=None, **kwargs):
+    """A shell script run in folder cwd, with data/ and runs/ in `home` (default: cwd, not the repository)."""
+    env = {**os.environ, "PYTHONPATH": REPO, "BRAINOMALY_PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "",
+           "BRAINOMALY_HOME": home or cwd}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
 
 
@@ -56,7 +58,7 @@ def test_protocol_scripts_print_their_usage_and_exit_2_without_name_and_iter(tmp
 
 
 def test_shell_scripts_train_and_run_the_three_protocols(toy_dataset, tmp_path):
-    work = str(tmp_path)  # train.sh NAME reads data/NAME and writes runs/NAME relative to the current folder
+    work = str(tmp_path)  # train.sh NAME reads data/NAME and writes runs/NAME in BRAINOMALY_HOME (here: work)
     train = run(["bash", f"{REPO}/train.sh", "Toy", *TINY_FLAGS, "--num_iters", "6", "--model_save_step", "3",
                  "--sample_step", "3", "--refiner_iters", "0"], work)
     assert train.returncode == 0, train.stderr[-2000:]
