@@ -10,6 +10,7 @@ import torch
 
 import main
 import precision
+import stage1_training
 from conftest import TINY_FLAGS
 
 AUTO = ["--bf16", "auto", "--channels_last", "auto"]
@@ -129,6 +130,18 @@ def test_the_real_probe_times_every_candidate_and_leaves_the_random_state_alone(
                                       [PLAIN, CHANNELS_LAST], rounds=1)
     assert set(seconds) == {PLAIN, CHANNELS_LAST} and all(0 < s < 60 for s in seconds.values())
     assert torch.equal(torch.get_rng_state(), before)  # a probed run draws the weights a cached one draws
+
+
+def test_the_probe_times_the_networks_the_run_trains(monkeypatch):
+    timed = []
+    real_step = stage1_training.train_step
+    monkeypatch.setattr(stage1_training, "train_step",
+                        lambda runtime, c, generator, *rest: timed.append(generator) or real_step(runtime, c, generator,
+                                                                                                  *rest))
+    probe = config(*AUTO, "--image_size", "16", "--map_init", "identity")
+    precision.probe_seconds(probe, torch.device("cpu"), [PLAIN], rounds=1)
+    # the run's generator, identity-initialised (x_c = x at iteration 0), not a zero-map one of the same widths
+    assert timed and all(g.identity_map for g in timed)
 
 
 # ------------------------------------------------------------------------- recorded, honoured, changed machine
