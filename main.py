@@ -110,7 +110,8 @@ def build_parser():
     t.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
     t.add_argument("--resume_iters", type=iteration_or_keyword("latest"), default=None,
                    help="resume training from this checkpoint iteration, or 'latest' (the newest; a run folder with "
-                        "none yet starts at iteration 0, so one command serves the first start and every restart); "
+                        "none yet starts at iteration 0, so one command serves the first start and every restart), "
+                        "with the run's own settings from its config.json for every training flag not typed; "
                         "stage 2 (train.sh passes it on) continues its one latest state whatever the number")
     t.add_argument("--preload", choices=("auto", "on", "off"), default="auto",
                    help="hold decoded training slices in memory (auto: when they fit in 3 GiB)")
