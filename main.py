@@ -259,8 +259,14 @@ def run(argv=None):
         Solver(config).run()
         distributed.barrier()  # the ranks leave together, after rank 0's last write
     except UserError as err:
-        if distributed.world_size() > 1:  # torchrun interleaves the ranks' output
-            raise UserError(distributed.rank_prefix(str(err))) from err
+        if distributed.world_size() > 1:  # every rank ends now, with this message and its rank
+            distributed.end_every_rank(str(err))
+        raise
+    except Exception:
+        # under torchrun, a collective fails on the other ranks when one has ended: end with that rank's message
+        message = distributed.failure_of_another_rank() if distributed.world_size() > 1 else None
+        if message is not None:
+            distributed.end_with_failure_of_another_rank(message)
         raise
     finally:
         if started_group:
