@@ -7,6 +7,7 @@ import shutil
 
 import torch
 
+import main
 from conftest import TINY_FLAGS
 from test_protocols import REPO, read_csv, run
 
@@ -14,7 +15,7 @@ from test_protocols import REPO, read_csv, run
 RUN_FLAGS = [*TINY_FLAGS, "--seed", "3", "--g_lr", "3e-4", "--d_lr", "2e-4", "--lambda_id", "5",
              "--augment_shift", "0.1", "--g_ema", "0.9", "--healthy_holdout", "0.4", "--num_iters", "6",
              "--model_save_step", "3", "--sample_step", "3", "--refiner_iters", "2", "--refiner_lr", "1e-3",
-             "--refiner_ema", "0.9"]
+             "--refiner_ema", "0.9", "--refine_from", "6"]
 
 
 def weights(path):
@@ -27,7 +28,7 @@ def kill_after_first_checkpoint(run_dir):
     for path in {*glob.glob(f"{models}/6-*"), *glob.glob(f"{models}/*-R*.ckpt"), *glob.glob(f"{models}/*.json")}:
         if not path.endswith("config.json"):
             os.remove(path)
-    shutil.rmtree(os.path.join(run_dir, "results"))
+    shutil.rmtree(os.path.join(run_dir, "results"), ignore_errors=True)
 
 
 def test_resume_latest_after_a_kill_continues_the_run_with_its_own_settings(toy_dataset, tmp_path):
@@ -42,28 +43,30 @@ def test_resume_latest_after_a_kill_continues_the_run_with_its_own_settings(toy_
     resumed = run(["bash", f"{REPO}/train.sh", "Killed", "--resume_iters", "latest", "--num_workers", "0",
                    "--use_tensorboard", "false"], work, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    refined = json.load(open(f"{work}/runs/Toy/results/aucp_selection.json"))["best_iteration"]
-    for name in ("6-G.ckpt", "6-D.ckpt", f"{refined}-R.ckpt"):
+    for name in ("6-G.ckpt", "6-D.ckpt", "6-R.ckpt"):
         ours, theirs = weights(f"{work}/runs/Toy/models/{name}"), weights(f"{work}/runs/Killed/models/{name}")
         for key in ours:
             assert torch.allclose(ours[key], theirs[key], atol=1e-6), f"{name} {key} differs after the resume"
 
 
-def test_a_resume_refuses_another_seed_and_records_a_changed_flag(toy_dataset, tmp_path):
-    work = str(tmp_path)
-    first = run(["bash", f"{REPO}/train.sh", "Toy", *RUN_FLAGS, "--refiner_iters", "0"], work)
-    assert first.returncode == 0, first.stderr[-2000:]
-    models = f"{work}/runs/Toy/models"
+def train(root, run_dir, *flags):
+    return main.main(["--mode", "train", "--image_dir", root, "--run_dir", run_dir, *flags])
+
+
+def test_a_resume_refuses_another_seed_and_records_a_changed_flag(toy_dataset, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    assert train(toy_dataset, run_dir, *RUN_FLAGS) == 0
+    models = f"{run_dir}/models"
     before = sorted(os.listdir(models))
-    other_seed = run(["bash", f"{REPO}/train.sh", "Toy", "--resume_iters", "latest", "--seed", "4"], work, timeout=120)
-    assert other_seed.returncode == 2 and "Traceback" not in other_seed.stderr
-    assert "--seed 4" in other_seed.stderr and "--seed 3" in other_seed.stderr
+    capsys.readouterr()
+    assert train(toy_dataset, run_dir, "--resume_iters", "latest", "--seed", "4") == 2
+    err = capsys.readouterr().err
+    assert "--seed 4" in err and "--seed 3" in err
     assert sorted(os.listdir(models)) == before
 
-    longer = run(["bash", f"{REPO}/train.sh", "Toy", "--resume_iters", "latest", "--num_iters", "7",
-                  "--num_workers", "0", "--use_tensorboard", "false"], work, timeout=120)
-    assert longer.returncode == 0, longer.stderr[-2000:]
-    assert longer.stdout.count("--num_iters 6 -> 7: continuing to 7") == 1
+    assert train(toy_dataset, run_dir, "--resume_iters", "latest", "--num_iters", "7", "--num_workers", "0",
+                 "--use_tensorboard", "false") == 0
+    assert capsys.readouterr().out.count("--num_iters 6 -> 7: continuing to 7") == 1
     assert os.path.isfile(f"{models}/7-G.ckpt")
     saved = json.load(open(f"{models}/config.json"))
     assert saved["num_iters"] == 7 and saved["g_lr"] == 3e-4
@@ -71,37 +74,38 @@ def test_a_resume_refuses_another_seed_and_records_a_changed_flag(toy_dataset, t
 
 
 def test_the_held_out_patients_are_stored_and_later_changes_to_train_neg_change_no_label_free_number(
-        toy_dataset, tmp_path):
-    work = str(tmp_path)
-    train = run(["bash", f"{REPO}/train.sh", "Toy", *RUN_FLAGS, "--num_iters", "3", "--refiner_iters", "0"], work)
-    assert train.returncode == 0, train.stderr[-2000:]
-    saved = json.load(open(f"{work}/runs/Toy/models/config.json"))["known_healthy_patients"]
-    stored = torch.load(f"{work}/runs/Toy/models/3-G.ckpt", weights_only=True)["config"]["known_healthy_patients"]
+        toy_dataset, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    assert train(toy_dataset, run_dir, *RUN_FLAGS, "--num_iters", "3") == 0
+    saved = json.load(open(f"{run_dir}/models/config.json"))["known_healthy_patients"]
+    stored = torch.load(f"{run_dir}/models/3-G.ckpt", weights_only=True)["config"]["known_healthy_patients"]
     assert stored == saved and len(saved["held_out"]) == 2 and len(saved["trained_on"]) == 4
+    aucp = ["--mode", "test_aucp", "--image_dir", toy_dataset, "--run_dir", run_dir, "--test_iters", "3",
+            "--num_workers", "0"]
 
-    def aucp():
-        result = run(["bash", f"{REPO}/test_aucp.sh", "Toy", "3", "--num_workers", "0"], work)
-        assert result.returncode == 0, result.stderr[-2000:]
-        summary = json.load(open(f"{work}/runs/Toy/results/3/coarse/aucp.json"))
-        rows = read_csv(f"{work}/runs/Toy/results/3/coarse/aucp.csv")
+    def label_free_numbers():
+        assert main.main(aucp) == 0
+        summary = json.load(open(f"{run_dir}/results/3/coarse/aucp.json"))
+        rows = read_csv(f"{run_dir}/results/3/coarse/aucp.csv")
         return (summary["auc"], summary["auc_by_reconstruction"],
-                sorted(row["pid"] for row in rows if row["label"] == "0")), result.stdout
+                sorted(row["pid"] for row in rows if row["label"] == "0"))
 
-    before, _ = aucp()
+    before = label_free_numbers()
     assert before[2] == saved["held_out"]
-    healthy = f"{work}/data/Toy/train/neg"
+    healthy = f"{toy_dataset}/train/neg"
     for name in sorted(os.listdir(healthy)):  # two new patients, and one trained-on patient gone
         if name.startswith(saved["held_out"][0]):
             for prefix in ("new", "later"):
                 shutil.copy(f"{healthy}/{name}", f"{healthy}/{prefix}{name}")
         if name.startswith(saved["trained_on"][0]):
             os.remove(f"{healthy}/{name}")
-    after, printed = aucp()
-    assert after == before
-    assert "2 patient(s) in" in printed and "are ignored" in printed
+    capsys.readouterr()
+    assert label_free_numbers() == before
+    out = capsys.readouterr().out
+    assert "2 patient(s) in" in out and "are ignored" in out
 
     for name in os.listdir(healthy):
         if name.startswith(saved["held_out"][1]):
             os.remove(f"{healthy}/{name}")
-    missing = run(["bash", f"{REPO}/test_aucp.sh", "Toy", "3", "--num_workers", "0"], work)
-    assert missing.returncode == 2 and saved["held_out"][1] in missing.stderr and "Traceback" not in missing.stderr
+    assert main.main(aucp) == 2
+    assert saved["held_out"][1] in capsys.readouterr().err
