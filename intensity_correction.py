@@ -119,7 +119,8 @@ def for_checkpoint(runtime, config, iteration, generator, training_config):
     trained_on = run_config.known_healthy_split(training_dir, training_config)[0]
     correction = fit_on_slices(runtime, generator, trained_on, config.image_size, config.score_batch_size)
     if runtime.is_main:
-        run_layout.write_json({"checkpoint": iteration, "made_with": made_with, "fitted_on": f"{len(trained_on)} known-healthy slices "
-                               f"stage 1 trained on ({training_dir}/train/neg)", "bins": BINS,
+        run_layout.write_json({"checkpoint": iteration, "made_with": made_with,
+                               "fitted_on": f"{len(trained_on)} known-healthy slices stage 1 trained on "
+                                            f"({training_dir}/train/neg)", "bins": BINS,
                                **correction.to_json()}, path)
     return correction

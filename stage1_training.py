@@ -208,7 +208,7 @@ def train(runtime, config):
     scored_generator = generator if g_ema is None else g_ema.model  # what the samples and checkpoints show
     g_optimizer = adam(generator.parameters(), c.g_lr, (c.beta1, c.beta2), c, runtime.device)
     d_optimizer = adam(critic.parameters(), c.d_lr, (c.beta1, c.beta2), c, runtime.device)
-    noise_generator = torch.Generator().manual_seed(seeds.seed(c.seed, "gradient_penalty"))  # gradient-penalty interpolation weights
+    noise_generator = torch.Generator().manual_seed(seeds.seed(c.seed, "gradient_penalty"))
     start = 0
     if resume_from is not None:
         start = restore_stage1(c, resume_from, g_saved, generator, g_ema, critic, g_optimizer, d_optimizer,

@@ -21,8 +21,12 @@ def test_a_mistyped_or_shortened_flag_is_refused_in_a_few_lines_naming_the_close
     assert "--lambda_g is not a flag; did you mean --lambda_gp" in err and "python main.py --help" in err
 
 
-def test_a_protocol_scores_the_newest_checkpoint_by_default():
+def test_a_protocol_scores_the_newest_checkpoint_by_default(toy_dataset, tmp_path, capsys):
     assert main.parse_config(["--mode", "test_aucp"]).test_iters == "latest"
+    run_dir = str(tmp_path / "run")  # no checkpoint yet: the message names the folder, not a file 'latest-G.ckpt'
+    assert main.main(["--mode", "test_aucp", "--image_dir", toy_dataset, "--run_dir", run_dir]) == 2
+    err = capsys.readouterr().err
+    assert f"missing checkpoint {run_dir}/models/ITER-G.ckpt (no checkpoint saved yet)" in err and "latest-G" not in err
 
 
 def test_demo_help_prints_its_usage_before_any_work(tmp_path):
