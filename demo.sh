@@ -34,9 +34,10 @@ done
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 # the rest goes to main.py: a mistyped flag stops here, not after the cohort and the baseline
 "$PYTHON" -c 'import sys, main; main.parse_config(sys.argv[1:])' "$@" || exit 2
-run="$home/runs/$name${suffix}"
-[ "$name" = Demo ] || run="$home/runs/$name-demo$suffix"
-data="$home/data/$name"
+cd "$home"  # the demo takes no paths: it runs where data/ and runs/ are, and prints them from there
+run="runs/$name${suffix}"
+[ "$name" = Demo ] || run="runs/$name-demo$suffix"
+data="data/$name"
 
 if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   # GPU recipe: reference widths at 128 px; its time and AUCs are not measured (docs/experiments.md).
