@@ -115,7 +115,7 @@ def for_checkpoint(runtime, config, iteration, generator, training_config):
             distributed.main_print(f"The intensity correction {path} is out of date ({why}): fitting it again.")
         except (ValueError, KeyError):  # a torn file (a write cut short): fit again, same slices, same f
             pass
-    training_dir = training_config.get("image_dir", config.image_dir)
+    training_dir = run_config.training_data_dir(training_config, config.image_dir)
     trained_on = run_config.known_healthy_split(training_dir, training_config)[0]
     correction = fit_on_slices(runtime, generator, trained_on, config.image_size, config.score_batch_size)
     if runtime.is_main:

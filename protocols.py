@@ -65,9 +65,8 @@ NEPTUNE_KEYS = ("auc", "average_precision", "sensitivity", "specificity", "thres
 def held_out_known_healthy(training_config, image_dir):
     """The known-healthy slices of image_dir that stage 1 (trained with training_config) held out of training, or
     None when it held none out (a run from before --healthy_holdout, or --healthy_holdout 0) or image_dir is not
-    the folder it trained on (then none of its train/neg was trained on)."""
-    trained_dir = training_config.get("image_dir", image_dir)
-    if os.path.realpath(trained_dir) != os.path.realpath(image_dir):
+    the dataset it trained on, wherever that has moved (then none of its train/neg was trained on)."""
+    if not run_config.is_training_data(training_config, image_dir):
         return None
     return run_config.known_healthy_split(image_dir, training_config)[1] or None
 
@@ -183,7 +182,7 @@ def known_healthy_reference(runtime, networks):
     reference = run_layout.CheckpointResults(c.result_dir, networks.iteration, networks.reconstruction).healthy_reference
     why = distributed.broadcast(reference_out_of_date(reference, networks) if runtime.is_main else None)
     if why:  # rank 0's answer: every rank takes part in scoring
-        training_dir = networks.training_config.get("image_dir", c.image_dir)
+        training_dir = run_config.training_data_dir(networks.training_config, c.image_dir)
         distributed.main_print(f"The known-healthy reference for checkpoint {networks.iteration} "
                                f"({networks.reconstruction}) {why}: scoring {training_dir}/train/neg and the mixed "
                                f"set (the AUCp protocol).")

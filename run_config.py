@@ -127,6 +127,29 @@ def note_once(message):
         distributed.main_print(message)
 
 
+def is_training_data(training_config, image_dir):
+    """Whether image_dir is the dataset the run was trained on: the folder it names, or (the run and its data
+    moved to another folder or machine) one whose train/neg holds the run's held-out patients and some of those
+    it trained on."""
+    trained_dir = training_config.get("image_dir", image_dir)
+    if os.path.realpath(trained_dir) == os.path.realpath(image_dir):
+        return True
+    recorded = training_config.get(KNOWN_HEALTHY_KEY)
+    folder = os.path.join(image_dir, data_loader.HEALTHY_FOLDER)
+    if not recorded or not os.path.isdir(folder):
+        return False
+    present = set(patient_ids(data_loader.list_images(folder, warn=False)))
+    return set(recorded["held_out"]) <= present and bool(set(recorded["trained_on"]) & present)
+
+
+def training_data_dir(training_config, image_dir):
+    """The folder the run was trained on: the one it names, or image_dir where the run's data has moved there."""
+    trained_dir = training_config.get("image_dir", image_dir)
+    if not os.path.isdir(trained_dir) and is_training_data(training_config, image_dir):
+        return image_dir
+    return trained_dir
+
+
 def known_healthy_split(root, training_config, unset_fraction=0.0):
     """(trained_on, held_out) slices of ROOT/train/neg for the run trained with training_config: its recorded
     patients; a run that recorded none (from before the record) draws them again from its --healthy_holdout and

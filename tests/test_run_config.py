@@ -109,3 +109,15 @@ def test_the_held_out_patients_are_stored_and_later_changes_to_train_neg_change_
             os.remove(f"{healthy}/{name}")
     assert main.main(aucp) == 2
     assert saved["held_out"][1] in capsys.readouterr().err
+
+
+def test_a_run_whose_data_moved_to_another_folder_scores_aucp_over_its_held_out_patients(toy_dataset, tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert train(toy_dataset, run_dir, *RUN_FLAGS, "--num_iters", "2") == 0
+    held_out = json.load(open(f"{run_dir}/models/config.json"))["known_healthy_patients"]["held_out"]
+    moved = str(tmp_path / "elsewhere" / "Toy")  # as on another machine: the recorded folder is gone
+    shutil.move(toy_dataset, moved)
+    assert main.main(["--mode", "test_aucp", "--image_dir", moved, "--run_dir", run_dir, "--test_iters", "2",
+                      "--num_workers", "0"]) == 0
+    rows = read_csv(f"{run_dir}/results/2/coarse/aucp.csv")
+    assert sorted(row["pid"] for row in rows if row["label"] == "0") == held_out
