@@ -76,12 +76,18 @@ def _watch_for_failure(store):
 
 
 def _print_and_exit(store, message):
+    _print_failure(store, message)
+    os._exit(EXIT_USER_ERROR)  # not a normal exit: a collective this rank is blocked in would never return
+
+
+def _print_failure(store, message):
+    """Print the failure and count this rank among those that have."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     try:
         store.add(ENDED_KEY, 1)
-    finally:
-        os._exit(EXIT_USER_ERROR)  # not a normal exit: a collective this rank is blocked in would never return
+    except Exception:  # the store's host has ended: nobody is left to count
+        pass
 
 
 def end_every_rank(message, wait_seconds=30):
@@ -92,11 +98,12 @@ def end_every_rank(message, wait_seconds=30):
     store = _store()
     if not store.check([FAILURE_KEY]):
         store.set(FAILURE_KEY, rank_prefix(message))
-    message = store.get(FAILURE_KEY).decode()
-    deadline = time.time() + wait_seconds  # torchrun stops the others once one rank has exited: let them print first
-    while store.add(ENDED_KEY, 0) < world_size() - 1 and time.time() < deadline:
+    # printed first: once any rank has exited, torchrun stops the others, this one too
+    _print_failure(store, store.get(FAILURE_KEY).decode())
+    deadline = time.time() + wait_seconds  # then the others print it and end before this one does
+    while store.add(ENDED_KEY, 0) < world_size() and time.time() < deadline:
         time.sleep(FAILURE_POLL_SECONDS)
-    _print_and_exit(store, message)
+    os._exit(EXIT_USER_ERROR)
 
 
 def failure_of_another_rank(wait_seconds=5):
