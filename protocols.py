@@ -201,8 +201,12 @@ def reference_out_of_date(path, networks):
     why it must be computed (again)."""
     if not os.path.isfile(path):
         return "does not exist yet"
-    with open(path) as f:
-        why = cache_keys.stale_reason(json.load(f).get("made_with"), cache_keys.scoring_key(networks))
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError:  # a torn file (a write cut short)
+        return "cannot be read"
+    why = cache_keys.stale_reason(saved.get("made_with"), cache_keys.scoring_key(networks))
     return why and f"is out of date ({why})"
 
 
