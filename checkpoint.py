@@ -79,7 +79,9 @@ def missing_checkpoint_error(model_dir, iteration, part, what, flag="ITER"):
     """flag: where the user names the iteration (ITER of the test scripts, --resume_iters, --refine_from)."""
     existing = saved_iterations(model_dir, part)
     listing = ", ".join(map(str, existing)) if existing else "none"
-    return UserError(f"missing checkpoint {checkpoint_path(model_dir, iteration, part)} ({what}).\n"
+    # 'latest' and 'all' name no file: say which files are missing
+    missing = checkpoint_path(model_dir, iteration if isinstance(iteration, int) else "ITER", part)
+    return UserError(f"missing checkpoint {missing} ({what}).\n"
                      f"Saved iterations in {model_dir}: {listing}.\nFix: pass one of them as {flag}"
                      + ("." if existing else ", or train first (bash train.sh NAME)."))
 

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import seeds
 from errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -279,14 +280,7 @@ def hold_out_patients(paths, fraction, seed):
 def known_healthy_split(root, fraction, seed):
     """(trained_on, held_out) slices of the known-healthy set train/neg: the seeded --healthy_holdout share of
     its patients that neither stage trains on (AUCp's label-0 set and the refiner's check)."""
-    return hold_out_patients(require_images(root, HEALTHY_FOLDER), fraction, seed + 5)
-
-
-def stage1_known_healthy_split(root, training_config, unset_fraction=0.0):
-    """known_healthy_split of the stage-1 run trained with training_config (its saved --healthy_holdout and seed);
-    unset_fraction for a run from before --healthy_holdout existed, which held none out of stage 1."""
-    return known_healthy_split(root, training_config.get("healthy_holdout", unset_fraction),
-                               training_config.get("seed", 0))
+    return hold_out_patients(require_images(root, HEALTHY_FOLDER), fraction, seeds.seed(seed, "healthy_holdout"))
 
 
 def training_stream(paths, image_size, batch_size, seed, preload="auto", num_workers=0, pin_memory=False,

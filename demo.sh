@@ -9,11 +9,16 @@
 #   --data NAME  the same recipe on your own slices in data/NAME (no cohort is built); outputs runs/NAME-demo
 # With a CUDA GPU the GPU recipe runs (real widths, 128 px); without one the CPU recipe (docs/experiments.md
 # says what each choice costs and buys). Outputs: runs/Demo (runs/Demo-full, runs/NAME-demo).
+# data/ and runs/ are the repository's, from any folder (BRAINOMALY_HOME: another folder holding them).
 set -euo pipefail
 started=$(date +%s)
-source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-cd "$repo_root"
 
+# the command line first, before any work
+for arg in "$@"; do
+  case "$arg" in
+    -h | --help) sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed -n 's/^# \{0,1\}//p'; exit 0 ;;
+  esac
+done
 name=Demo
 suffix=""
 full=false
@@ -26,8 +31,13 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+# the rest goes to main.py: a mistyped flag stops here, not after the cohort and the baseline
+"$PYTHON" -c 'import sys, main; main.parse_config(sys.argv[1:])' "$@" || exit 2
+cd "$home"  # the demo takes no paths: it runs where data/ and runs/ are, and prints them from there
 run="runs/$name${suffix}"
 [ "$name" = Demo ] || run="runs/$name-demo$suffix"
+data="data/$name"
 
 if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   # GPU recipe: reference widths at 128 px; its time and AUCs are not measured (docs/experiments.md).
@@ -56,41 +66,43 @@ else
     stage2+=(--refiner_iters 500)
   fi
 fi
-common=(--image_dir "data/$name" --run_dir "$run" "${loader[@]}" --use_tensorboard false)
+common=(--image_dir "$data" --run_dir "$run" "${loader[@]}" --use_tensorboard false)
 if [ -d "$run/models" ]; then
   echo "error: $run already holds a run; the demo never overwrites one." >&2
   echo "Fix: move or delete it (rm -r $run) and run bash demo.sh again." >&2
   exit 2
 fi
-if [ "$name" = Demo ] && [ ! -d "data/$name/train" ]; then
-  "$PYTHON" make_cohort.py "data/$name"
-elif [ ! -d "data/$name" ]; then
-  echo "error: missing dataset folder data/$name." >&2
+if [ "$name" = Demo ] && [ ! -d "$data/train" ]; then
+  "$PYTHON" "$repo_root/make_cohort.py" "$data"
+elif [ ! -d "$data" ]; then
+  echo "error: missing dataset folder $data." >&2
   echo "Fix: put your slices there in the layout of README, 'Data layout' (python prepare_data.py makes it)." >&2
   exit 2
 fi
-"$PYTHON" baseline.py "data/$name" || echo "(no CSF-fraction baseline for data/$name)"
-"$PYTHON" main.py --mode train "${common[@]}" "${stage1[@]}" "$@"
-"$PYTHON" main.py --mode train_refiner "${common[@]}" "${stage2[@]}" "$@"   # picks the checkpoint by AUCp
+"$PYTHON" "$repo_root/baseline.py" "$data" || echo "(no CSF-fraction baseline for $data)"
+# stage 1 records the stage-2 flags too, so that `bash train.sh NAME --resume_iters latest` after a kill runs both
+# stages as this recipe does (docs/reproducibility.md, "Resume")
+"$PYTHON" "$repo_root/main.py" --mode train "${common[@]}" "${stage1[@]}" "${stage2[@]}" "$@"
+"$PYTHON" "$repo_root/main.py" --mode train_refiner "${common[@]}" "${stage2[@]}" "$@"   # picks the checkpoint by AUCp
 best=$("$PYTHON" -c "import json; print(json.load(open('$run/results/aucp_selection.json'))['best_iteration'])")
 protocols=(aucp transductive)  # AUCp first: its known-healthy maps set every panel's colour scale
 has_test=false
-[ -d "data/$name/test/pos" ] && [ -d "data/$name/test/neg" ] && has_test=true && protocols+=(inductive)
+[ -d "$data/test/pos" ] && [ -d "$data/test/neg" ] && has_test=true && protocols+=(inductive)
 rho=()
 [ "$name" = Demo ] && rho=(--rho 0.6)  # the cohort's healthy share of the mixed set (48 of 80 subjects)
 for protocol in "${protocols[@]}"; do
-  "$PYTHON" main.py --mode "test_$protocol" "${common[@]}" "${stage2[@]}" --test_iters "$best" --save_maps 4 "${rho[@]}" "$@"
+  "$PYTHON" "$repo_root/main.py" --mode "test_$protocol" "${common[@]}" "${stage2[@]}" --test_iters "$best" --save_maps 4 "${rho[@]}" "$@"
 done
 if [ -f "$run/models/$best-R.ckpt" ] && [ ! -f "$run/results/$best/refined/aucp.json" ]; then
   # auto scored x_c (the refiner failed its held-out check): score x_r as well, so the table shows what it did
   for protocol in "${protocols[@]}"; do
-    "$PYTHON" main.py --mode "test_$protocol" "${common[@]}" "${stage2[@]}" --test_iters "$best" --refiner on "$@" > /dev/null
+    "$PYTHON" "$repo_root/main.py" --mode "test_$protocol" "${common[@]}" "${stage2[@]}" --test_iters "$best" --refiner on "$@" > /dev/null
   done
 fi
 for protocol in "${protocols[@]}"; do  # the ablation: the same checkpoint without the refiner
-  "$PYTHON" main.py --mode "test_$protocol" "${common[@]}" --test_iters "$best" --refiner off "$@" > /dev/null
+  "$PYTHON" "$repo_root/main.py" --mode "test_$protocol" "${common[@]}" --test_iters "$best" --refiner off "$@" > /dev/null
 done
 if $has_test; then  # the learning curve: every stage-1 checkpoint, coarse
-  "$PYTHON" main.py --mode test_inductive "${common[@]}" --test_iters all --refiner off "$@" > /dev/null
+  "$PYTHON" "$repo_root/main.py" --mode test_inductive "${common[@]}" --test_iters all --refiner off "$@" > /dev/null
 fi
-"$PYTHON" report.py --image_dir "data/$name" --run_dir "$run" --iteration "$best" --seconds $(( $(date +%s) - started ))
+"$PYTHON" "$repo_root/report.py" --image_dir "$data" --run_dir "$run" --iteration "$best" --seconds $(( $(date +%s) - started ))

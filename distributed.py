@@ -3,13 +3,27 @@
 Started by `torchrun --nproc_per_node N main.py ...` the environment holds RANK, WORLD_SIZE, LOCAL_RANK and the
 rendezvous address; started by plain `python main.py` there is one process and every helper here is a no-op.
 NCCL on CUDA, gloo on CPU. Rank 0 alone writes files; every rank reads them.
+
+A rank that stops on a UserError (a failed write on rank 0, say) ends every rank at once with its message: it
+posts the message in the process group's key-value store, where a watch thread of every rank looks for one, instead
+of leaving the others waiting in their next collective until it times out.
 """
 import gc
 import os
+import sys
+import threading
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from errors import EXIT_USER_ERROR
+
+FAILURE_KEY = "brainomaly/failure"  # the first failing rank's message
+ENDED_KEY = "brainomaly/ended"  # how many ranks have printed it and ended
+FAILURE_POLL_SECONDS = 0.2
+_failing = False  # this process posted the failure: its own watch leaves the ending to it
 
 
 def world_size():
@@ -40,7 +54,76 @@ def init(device_choice="auto"):
     if use_cuda:
         torch.cuda.set_device(local_rank)  # before the group exists: NCCL binds each rank to its own GPU
     dist.init_process_group("nccl" if use_cuda else "gloo")
+    threading.Thread(target=_watch_for_failure, args=(_store(),), daemon=True, name="failure-watch").start()
     return True
+
+
+def _store():
+    return dist.distributed_c10d._get_default_store()
+
+
+def _watch_for_failure(store):
+    """Every rank: end this process as soon as another rank has posted a failure (see end_every_rank)."""
+    while True:
+        time.sleep(FAILURE_POLL_SECONDS)
+        try:
+            if _failing or not store.check([FAILURE_KEY]):
+                continue
+            message = store.get(FAILURE_KEY).decode()
+        except Exception:  # the group is gone (closed, or its host ended): nothing left to watch
+            return
+        _print_and_exit(store, message)
+
+
+def _print_and_exit(store, message):
+    _print_failure(store, message)
+    os._exit(EXIT_USER_ERROR)  # not a normal exit: a collective this rank is blocked in would never return
+
+
+def _print_failure(store, message):
+    """Print the failure and count this rank among those that have."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    try:
+        store.add(ENDED_KEY, 1)
+    except Exception:  # the store's host has ended: nobody is left to count
+        pass
+
+
+def end_every_rank(message, wait_seconds=30):
+    """Post this rank's UserError message, naming the rank (the first posted wins, so every rank prints the same
+    line), let the other ranks print it and end, then end this one, exit status 2. Never returns."""
+    global _failing
+    _failing = True
+    store = _store()
+    if not store.check([FAILURE_KEY]):
+        store.set(FAILURE_KEY, rank_prefix(message))
+    # printed first: once any rank has exited, torchrun stops the others, this one too
+    _print_failure(store, store.get(FAILURE_KEY).decode())
+    deadline = time.time() + wait_seconds  # then the others print it and end before this one does
+    while store.add(ENDED_KEY, 0) < world_size() and time.time() < deadline:
+        time.sleep(FAILURE_POLL_SECONDS)
+    os._exit(EXIT_USER_ERROR)
+
+
+def failure_of_another_rank(wait_seconds=5):
+    """The message another rank posted, or None: for an error that may only be the echo of its failure (a
+    collective whose peer has ended), waited for a moment."""
+    deadline = time.time() + wait_seconds
+    try:
+        store = _store()
+        while time.time() < deadline:
+            if store.check([FAILURE_KEY]):
+                return store.get(FAILURE_KEY).decode()
+            time.sleep(FAILURE_POLL_SECONDS)
+    except Exception:
+        return None
+    return None
+
+
+def end_with_failure_of_another_rank(message):
+    """End this rank with the failure another rank posted (see failure_of_another_rank). Never returns."""
+    _print_and_exit(_store(), message)
 
 
 def close():

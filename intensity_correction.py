@@ -19,8 +19,11 @@ import torch
 from sklearn.isotonic import IsotonicRegression
 from tqdm import tqdm
 
+import cache_keys
 import data_loader
+import distributed
 import metrics
+import run_config
 import run_layout
 from model import healthy_reconstruction
 
@@ -101,17 +104,23 @@ def for_checkpoint(runtime, config, iteration, generator, training_config):
     known-healthy slices stage 1 trained on (training_config's image_dir and --healthy_holdout) and saved there.
     Every rank fits the same f from the same slices, so none waits for another."""
     path = correction_path(config.model_save_dir, iteration)
+    made_with = {"bins": BINS, **cache_keys.weights_key(config.model_save_dir, iteration)}
     if os.path.isfile(path):
         try:
             with open(path) as f:
-                return IntensityCorrection.from_json(json.load(f))
+                saved = json.load(f)
+            why = cache_keys.stale_reason(saved.get("made_with"), made_with)
+            if why is None:
+                return IntensityCorrection.from_json(saved)
+            distributed.main_print(f"The intensity correction {path} is out of date ({why}): fitting it again.")
         except (ValueError, KeyError):  # a torn file (a write cut short): fit again, same slices, same f
             pass
-    training_dir = training_config.get("image_dir", config.image_dir)
-    trained_on = data_loader.stage1_known_healthy_split(training_dir, training_config)[0]
+    training_dir = run_config.training_data_dir(training_config, config.image_dir)
+    trained_on = run_config.known_healthy_split(training_dir, training_config)[0]
     correction = fit_on_slices(runtime, generator, trained_on, config.image_size, config.score_batch_size)
     if runtime.is_main:
-        run_layout.write_json({"checkpoint": iteration, "fitted_on": f"{len(trained_on)} known-healthy slices "
-                               f"stage 1 trained on ({training_dir}/train/neg)", "bins": BINS,
+        run_layout.write_json({"checkpoint": iteration, "made_with": made_with,
+                               "fitted_on": f"{len(trained_on)} known-healthy slices stage 1 trained on "
+                                            f"({training_dir}/train/neg)", "bins": BINS,
                                **correction.to_json()}, path)
     return correction

@@ -1,5 +1,6 @@
 """Brainomaly-Diff command line: every flag lives here; --mode hands the config to the Solver."""
 import argparse
+import difflib
 import sys
 
 import decisions
@@ -7,7 +8,7 @@ import distributed
 import metrics
 import precision
 import run_layout
-from errors import UserError, run_cli
+from errors import EXIT_USER_ERROR, UserError, run_cli
 from solver import Solver
 
 MODE_ALIASES = {"testAUCInductive": "test_inductive", "testAUCTransductive": "test_transductive",
@@ -55,8 +56,28 @@ def iteration_or_keyword(*keywords):
     return parse
 
 
+class FlagParser(argparse.ArgumentParser):
+    """Whole flag names only (a prefix such as --lambda_g is not taken for --lambda_gp), and a bad command line
+    answered in a few lines, not the whole usage: the flag, the closest valid names, and where the list is."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        lines = [f"error: {message}"]
+        if message.startswith("unrecognized arguments:"):
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            for typed in message.split(":", 1)[1].split():
+                if typed.startswith("-"):
+                    close = difflib.get_close_matches(typed.split("=")[0], known, n=3, cutoff=0.7)
+                    lines.append(f"{typed} is not a flag" + (f"; did you mean {', '.join(close)}?" if close else "."))
+        lines.append(f"Fix: correct the command line; {self.prog} --help lists every flag.")
+        self.exit(EXIT_USER_ERROR, "\n".join(lines) + "\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = FlagParser(
+        prog="python main.py",
         description="Brainomaly-Diff: GAN healthy reconstruction + residual diffusion refinement for "
                     "unsupervised brain anomaly detection.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -90,7 +111,8 @@ def build_parser():
     t.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
     t.add_argument("--resume_iters", type=iteration_or_keyword("latest"), default=None,
                    help="resume training from this checkpoint iteration, or 'latest' (the newest; a run folder with "
-                        "none yet starts at iteration 0, so one command serves the first start and every restart); "
+                        "none yet starts at iteration 0, so one command serves the first start and every restart), "
+                        "with the run's own settings from its config.json for every training flag not typed; "
                         "stage 2 (train.sh passes it on) continues its one latest state whatever the number")
     t.add_argument("--preload", choices=("auto", "on", "off"), default="auto",
                    help="hold decoded training slices in memory (auto: when they fit in 3 GiB)")
@@ -134,8 +156,8 @@ def build_parser():
                    help="refiner samples averaged per slice at scoring (each from its own seeded start noise)")
 
     e = p.add_argument_group("testing and scoring")
-    e.add_argument("--test_iters", type=iteration_or_keyword("all", "latest"), default=150000,
-                   help="checkpoint to score; 'all' scores every saved checkpoint")
+    e.add_argument("--test_iters", type=iteration_or_keyword("all", "latest"), default="latest",
+                   help="checkpoint to score: an iteration, 'latest' (the newest saved) or 'all' (every saved one)")
     e.add_argument("--score_region", choices=metrics.SCORE_REGIONS, default="head",
                    help="slice score = the anomaly map's mean inside the head (input above the black background) or "
                         "over the whole image (the reference's score)")
@@ -227,7 +249,7 @@ def build_parser():
 
 def explicit_flags(parser, argv):
     """Names of the flags the user actually typed (so a checkpoint's saved value can win over a default)."""
-    probe = argparse.ArgumentParser(add_help=False)
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             probe.add_argument(*action.option_strings, dest=action.dest, type=action.type,
@@ -254,8 +276,14 @@ def run(argv=None):
         Solver(config).run()
         distributed.barrier()  # the ranks leave together, after rank 0's last write
     except UserError as err:
-        if distributed.world_size() > 1:  # torchrun interleaves the ranks' output
-            raise UserError(distributed.rank_prefix(str(err))) from err
+        if distributed.world_size() > 1:  # every rank ends now, with this message and its rank
+            distributed.end_every_rank(str(err))
+        raise
+    except Exception:
+        # under torchrun, a collective fails on the other ranks when one has ended: end with that rank's message
+        message = distributed.failure_of_another_rank() if distributed.world_size() > 1 else None
+        if message is not None:
+            distributed.end_with_failure_of_another_rank(message)
         raise
     finally:
         if started_group:

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from atomic_files import atomic_output
+
 PROBE_FILE = "fast_path_probe.json"
 PROBE_MAX_BATCH = 8  # slices per probe batch: the run's batch up to this (at 4 the probe missed channels_last's gain)
 PROBE_ROUNDS = 2  # timed critic+generator iterations per candidate, interleaved; the fastest of each counts
@@ -90,10 +92,14 @@ def candidates(bf16, channels_last, bf16_hardware):
 
 
 class _ProbeRuntime:
-    """What stage1_training.train_step needs of a Runtime: its autocast."""
+    """What networks.build_stage1 and stage1_training.train_step need of a Runtime: prepare and autocast."""
 
-    def __init__(self, device, bf16):
-        self.device, self.bf16 = device, bf16
+    def __init__(self, device, bf16, channels_last):
+        self.device, self.bf16, self.channels_last = device, bf16, channels_last
+
+    def prepare(self, network):
+        network = network.to(self.device)
+        return network.to(memory_format=torch.channels_last) if self.channels_last else network
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -104,7 +110,7 @@ def probe_seconds(config, device, modes, rounds=PROBE_ROUNDS):
     the run's networks at the run's sizes (at most PROBE_MAX_BATCH slices per batch); one untimed iteration each
     first (oneDNN builds its kernels then), then `rounds` timed ones, interleaved so a busy moment of the machine
     hits every candidate alike. The global random state is left as it was: a run is the same probed or cached."""
-    from model import Discriminator, Generator
+    from networks import build_stage1  # the run's own networks (imported here: networks imports this module's users)
     from stage1_training import train_step
     c = config
     batch = max(1, min(c.batch_size, PROBE_MAX_BATCH))
@@ -115,12 +121,10 @@ def probe_seconds(config, device, modes, rounds=PROBE_ROUNDS):
         alpha = torch.rand(batch, 1, 1, 1, device=device)
         setups = {}
         for bf16, channels_last in modes:
-            networks = [Generator(c.in_channels, c.g_conv_dim, c.g_repeat_num, c.map_init == "zero").to(device),
-                        Discriminator(c.in_channels, c.d_conv_dim, c.d_repeat_num).to(device)]
-            if channels_last:
-                networks = [n.to(memory_format=torch.channels_last) for n in networks]
+            runtime = _ProbeRuntime(device, bf16, channels_last)
+            networks = build_stage1(runtime, c)
             optimizers = [torch.optim.Adam(n.parameters(), 1e-4, betas=(0.5, 0.999)) for n in networks]
-            setups[(bf16, channels_last)] = (_ProbeRuntime(device, bf16), *networks, *optimizers)
+            setups[(bf16, channels_last)] = (runtime, *networks, *optimizers)
 
         def iteration(mode):
             runtime, generator, critic, g_opt, d_opt = setups[mode]
@@ -170,8 +174,9 @@ def probe_cached(config, device, modes, cache_dir, writes):
     if path and writes:
         cache[key] = {json.dumps(list(mode)): s for mode, s in seconds.items()}
         os.makedirs(cache_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(cache, f, indent=2)
+        with atomic_output(path, "fast-path probe cache") as tmp:
+            with open(tmp, "w") as f:
+                json.dump(cache, f, indent=2)
     return seconds, False
 
 

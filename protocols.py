@@ -21,11 +21,13 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+import cache_keys
 import checkpoint as ckpt
 import data_loader
 import decisions
 import distributed
 import metrics
+import run_config
 import run_layout
 import scoring
 import visualize
@@ -64,11 +66,10 @@ NEPTUNE_KEYS = ("auc", "average_precision", "sensitivity", "specificity", "thres
 def held_out_known_healthy(training_config, image_dir):
     """The known-healthy slices of image_dir that stage 1 (trained with training_config) held out of training, or
     None when it held none out (a run from before --healthy_holdout, or --healthy_holdout 0) or image_dir is not
-    the folder it trained on (then none of its train/neg was trained on)."""
-    trained_dir = training_config.get("image_dir", image_dir)
-    if os.path.realpath(trained_dir) != os.path.realpath(image_dir):
+    the dataset it trained on, wherever that has moved (then none of its train/neg was trained on)."""
+    if not run_config.is_training_data(training_config, image_dir):
         return None
-    return data_loader.stage1_known_healthy_split(image_dir, training_config)[1] or None
+    return run_config.known_healthy_split(image_dir, training_config)[1] or None
 
 
 def protocol_slices(networks, name, image_dir):
@@ -140,6 +141,7 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     if protocol.healthy_reference and runtime.is_main:
         healthy = patients["score"][patients["label"] == 0]
         run_layout.write_json({"checkpoint": iteration, "reconstruction": reconstruction,
+                               "made_with": cache_keys.scoring_key(networks),
                                "percentile_95": metrics.healthy_percentile_threshold(healthy, 95),
                                "map_scale": healthy_maps.scale(), "healthy_patient_scores": healthy.tolist()},
                               out.healthy_reference)
@@ -182,14 +184,16 @@ def side_reconstructions(networks):
 
 def known_healthy_reference(runtime, networks):
     """The AUCp run's known-healthy reference of these networks (patient scores: score mode's flag threshold;
-    map_scale: the top of every anomaly panel's colour scale); the AUCp protocol is run once if it has not been."""
+    map_scale: the top of every anomaly panel's colour scale); the AUCp protocol is run where there is none yet, or
+    where the one there was computed with other settings or weights (cache_keys)."""
     c = networks.config
     reference = run_layout.CheckpointResults(c.result_dir, networks.iteration, networks.reconstruction).healthy_reference
-    if not distributed.broadcast(os.path.isfile(reference)):  # rank 0's answer: every rank takes part in scoring
-        training_dir = networks.training_config.get("image_dir", c.image_dir)
-        distributed.main_print(f"No known-healthy reference for checkpoint {networks.iteration} "
-                               f"({networks.reconstruction}) yet: scoring {training_dir}/train/neg and the mixed "
-                               f"set once (the AUCp protocol).")
+    why = distributed.broadcast(reference_out_of_date(reference, networks) if runtime.is_main else None)
+    if why:  # rank 0's answer: every rank takes part in scoring
+        training_dir = run_config.training_data_dir(networks.training_config, c.image_dir)
+        distributed.main_print(f"The known-healthy reference for checkpoint {networks.iteration} "
+                               f"({networks.reconstruction}) {why}: scoring {training_dir}/train/neg and the mixed "
+                               f"set (the AUCp protocol).")
         started = time.time()
         paths, labels = protocol_slices(networks, "aucp", training_dir)
         reference_networks = networks._replace(config=replace_config(c, image_dir=training_dir, save_maps=0))
@@ -198,6 +202,20 @@ def known_healthy_reference(runtime, networks):
         return distributed.broadcast(None)
     with open(reference) as f:
         return distributed.broadcast(json.load(f))
+
+
+def reference_out_of_date(path, networks):
+    """None when the known-healthy reference at `path` was computed by these networks with these settings, else
+    why it must be computed (again)."""
+    if not os.path.isfile(path):
+        return "does not exist yet"
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError:  # a torn file (a write cut short)
+        return "cannot be read"
+    why = cache_keys.stale_reason(saved.get("made_with"), cache_keys.scoring_key(networks))
+    return why and f"is out of date ({why})"
 
 
 def test(runtime, config, name):
@@ -279,8 +297,9 @@ def sweep_candidates(results, seed):
 
 
 def print_sweep(protocol, table):
-    others = sorted({key for row in table for key in row if key.startswith("auc_")} - {"auc_coarse"},
-                    key=lambda key: decisions.reconstruction_rank(key[4:]))
+    # a column per reconstruction any row has, but the one every row is scored with (its AUC column says it)
+    others = [key for key in run_layout.columns(table) if key.startswith("auc_")
+              and any(row["reconstruction"] != key[4:] for row in table)]
     print(f"\n{protocol.title} AUC by checkpoint")
     print(f"{'iteration':>10}  {'reconstruction':>14}  {'AUC':>7}" + "".join(f"  {k[4:]:>10}" for k in others))
     for row in table:

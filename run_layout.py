@@ -87,10 +87,17 @@ def write_json(payload, path, what="result"):
             json.dump(payload, f, indent=2)
 
 
+def columns(rows):
+    """Every key of the rows, in the order they first appear: rows may differ in their keys (a checkpoint sweep
+    scores some checkpoints with the refiner and some without), and a table needs a column for each."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
 def write_csv(rows, path, what="result table"):
+    """Atomic, like write_json; a row without one of the columns (see columns) leaves that cell blank."""
     with atomic_output(path, what) as tmp:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=columns(rows), restval="")
             writer.writeheader()
             writer.writerows(rows)
 

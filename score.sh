@@ -18,4 +18,8 @@ name=$1
 iteration=$2
 folder=$3
 shift 3
-"${MAIN[@]}" --mode score --image_dir "$folder" --run_dir "runs/$name" --test_iters "$iteration" "$@"
+if [ ! -d "$home/runs/$name" ]; then
+  echo "error: missing run folder $home/runs/$name (train it first: bash train.sh $name)." >&2
+  exit 2
+fi
+"${MAIN[@]}" --mode score --image_dir "$folder" --run_dir "$home/runs/$name" --test_iters "$iteration" "$@"

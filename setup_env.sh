@@ -4,6 +4,20 @@
 # (requirements-preprocess.txt, installed without dependency resolution: it lists every dependency itself).
 # Set BRAINOMALY_PYTHON to use another interpreter (for example a conda environment's python).
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The scripts' data/NAME and runs/NAME are in the repository, from whatever folder they are run; BRAINOMALY_HOME
+# names another folder that holds data/ and runs/. Paths typed on a command line (score.sh's PATH, --output,
+# --image_dir) stay relative to the folder they were typed in.
+home="${BRAINOMALY_HOME:-$repo_root}"
+
+# stop with one message when dataset $1 is not in $home/data (before any work)
+require_dataset() {
+  if [ ! -d "$home/data/$1" ]; then
+    echo "error: missing dataset folder $home/data/$1." >&2
+    echo "Fix: put dataset $1 there in the layout of README, 'Data layout' (python prepare_data.py makes it)," \
+         "or set BRAINOMALY_HOME to the folder that holds data/$1." >&2
+    exit 2
+  fi
+}
 
 # pip-install requirements file $1 into .venv unless this very file was installed there already ($3: pip options)
 install_requirements() {

@@ -12,6 +12,7 @@ import precision
 import protocols
 import run_lock
 import score_folder
+import seeds
 import stage1_training
 import stage2_training
 from checkpoint import replace_config
@@ -100,7 +101,7 @@ class Solver:
     def __init__(self, config):
         self.config = config
         self.runtime = Runtime(config)
-        torch.manual_seed(config.seed)
+        seeds.seed_weights(config.seed)
         if self.runtime.device.type == "cpu" and getattr(config, "keep_freed_memory", False):
             keep_freed_memory()  # process-wide glibc heap setting (--keep_freed_memory, on by default)
         if self.runtime.device.type == "cuda":

@@ -17,12 +17,13 @@ import checkpoint as ckpt
 import data_loader
 import distributed
 import preparation_record
+import run_config
+import seeds
 import visualize
 from ema import EMA
 from errors import UserError
 from model import ARCHITECTURE_FLAGS, healthy_reconstruction
 from networks import build_stage1, model_path, refuse_to_overwrite, saved_config
-from run_layout import write_json
 from speed import FiniteCheck, adam
 from training_log import TrainingLogger
 
@@ -173,44 +174,49 @@ def train(runtime, config):
     """Stage 1: WGAN-GP with real = known-healthy H, fake = tanh(x_M + G(x_M)), plus identity L1 on H."""
     c = config
     resume_from = None if c.resume_iters is None else resume_iteration(c)
+    changes = None
     if resume_from is not None:
-        # Build with the checkpoint's architecture before anything else.
+        # Build with the checkpoint's architecture before anything else; every other setting is the run's
         g_path = model_path(c, resume_from, "G")
         g_saved = ckpt.load(g_path)
-        c = ckpt.reconciled_config(c, g_saved["config"], ARCHITECTURE_FLAGS + ("healthy_holdout",), g_path)
+        c = ckpt.reconciled_config(c, g_saved["config"], ARCHITECTURE_FLAGS, g_path)
+        c, changes = run_config.continue_run(c, run_config.saved_run_settings(c.model_save_dir, g_saved["config"]),
+                                             f"stage 1 from iteration {resume_from}")
     else:
         refuse_to_overwrite(c, "G", "resume it with --resume_iters latest")
     ranks = runtime.world_size
     data_loader.check_dataset(c.image_dir, c.batch_size * ranks, healthy_holdout=c.healthy_holdout, seed=c.seed)
+    c = run_config.with_known_healthy_split(c)  # a new run draws it once; config.json and every checkpoint keep it
     max_shift = round(c.augment_shift * c.image_size)
-    mixed = data_loader.training_stream(data_loader.mixed_set_paths(c.image_dir), c.image_size,
-                                        c.batch_size, c.seed, c.preload, **runtime.stream_options(),
+    mixed = data_loader.training_stream(data_loader.mixed_set_paths(c.image_dir), c.image_size, c.batch_size,
+                                        seeds.seed(c.seed, "mixed_set"), c.preload, **runtime.stream_options(),
                                         max_shift=max_shift)
-    trained_on, held_out = data_loader.known_healthy_split(c.image_dir, c.healthy_holdout, c.seed)
+    trained_on, held_out = run_config.known_healthy_split(c.image_dir, vars(c))
     distributed.main_print(f"Stage 1 holds {len({data_loader.patient_id(p) for p in held_out})} known-healthy "
                            f"patients out of training (--healthy_holdout {c.healthy_holdout:g}): AUCp and the "
                            f"refiner's check score them.")
-    healthy = data_loader.training_stream(trained_on, c.image_size, c.batch_size, c.seed + 1, c.preload,
-                                          **runtime.stream_options(), batch_flag="--batch_size or --healthy_holdout",
-                                          max_shift=max_shift)
+    healthy = data_loader.training_stream(trained_on, c.image_size, c.batch_size, seeds.seed(c.seed, "healthy_set"),
+                                          c.preload, **runtime.stream_options(),
+                                          batch_flag="--batch_size or --healthy_holdout", max_shift=max_shift)
     if ranks > 1:
         distributed.main_print(f"Stage 1: {ranks} ranks x batch {c.batch_size} = global batch {ranks * c.batch_size} "
                                f"mixed + as many healthy slices.")
     # bf16 / channels_last: a resume keeps the run's choice; a new run probes (cached in the models folder)
     c = runtime.settle_fast_path(c, g_saved["config"] if resume_from is not None else None)
+    seeds.seed_weights(c.seed)
     generator, critic = build_stage1(runtime, c)
     g_ema = EMA(generator, c.g_ema) if c.g_ema > 0 else None
     scored_generator = generator if g_ema is None else g_ema.model  # what the samples and checkpoints show
     g_optimizer = adam(generator.parameters(), c.g_lr, (c.beta1, c.beta2), c, runtime.device)
     d_optimizer = adam(critic.parameters(), c.d_lr, (c.beta1, c.beta2), c, runtime.device)
-    noise_generator = torch.Generator().manual_seed(c.seed + 2)  # gradient-penalty interpolation weights
+    noise_generator = torch.Generator().manual_seed(seeds.seed(c.seed, "gradient_penalty"))
     start = 0
     if resume_from is not None:
         start = restore_stage1(c, resume_from, g_saved, generator, g_ema, critic, g_optimizer, d_optimizer,
                                (mixed, healthy), noise_generator)
     writes = runtime.is_main  # rank 0 alone writes checkpoints, samples and logs
     if writes:
-        write_json(saved_config(c), os.path.join(c.model_save_dir, "config.json"))
+        run_config.write_run_config(c, saved_config(c), changes, f"stage 1, iteration {start}")
         preparation_record.copy_into_run(c.image_dir, c.model_save_dir)  # score mode repeats that preparation
     # as many healthy as mixed samples, so each grid row pairs one of each (the held-out split can leave fewer
     # healthy slices than mixed ones)

@@ -16,8 +16,10 @@ import decisions
 import distributed
 import intensity_correction
 import metrics
+import run_config
 import run_layout
 import scoring
+import seeds
 from checkpoint import replace_config
 from diffusion_refiner import REFINER_ARCHITECTURE_FLAGS
 from ema import EMA
@@ -189,7 +191,12 @@ def restore_stage2(config, iteration, diffusion, ema, optimizer, stream, noise_g
 
 def train_refiner(runtime, config):
     """Stage 2: on known-healthy slices only, learn p(r | x_c) for r0 = x - x_c with G frozen."""
-    c = config
+    c, changes = config, None
+    saved = run_config.saved_run_settings(c.model_save_dir)
+    if saved is not None:  # the run's settings (stage 2's among them, as the run was started), unless typed
+        c, changes = run_config.continue_run(c, saved, "stage 2")
+    if changes and runtime.is_main:
+        run_config.write_run_config(c, {**saved, **saved_config(c)}, changes, "stage 2")
     if c.refiner_iters <= 0:
         distributed.main_print("Stage 2 skipped (--refiner_iters 0): scoring uses the coarse reconstruction.")
         return
@@ -209,15 +216,17 @@ def train_refiner(runtime, config):
     # known-healthy patients held out of refiner training, for the label-free check at the end: the ones stage 1
     # held out (seen by neither stage); for a stage 1 trained before --healthy_holdout existed (it held none out),
     # this --healthy_holdout share, as the refiner alone held out before
-    trained_on, held_out = data_loader.stage1_known_healthy_split(c.image_dir, trained_with, c.healthy_holdout)
-    healthy = data_loader.training_stream(trained_on, c.image_size, c.refiner_batch_size, c.seed + 3, c.preload,
+    trained_on, held_out = run_config.known_healthy_split(c.image_dir, trained_with, c.healthy_holdout)
+    healthy = data_loader.training_stream(trained_on, c.image_size, c.refiner_batch_size,
+                                          seeds.seed(c.seed, "refiner_healthy_set"), c.preload,
                                           **runtime.stream_options(),
                                           batch_flag="--refiner_batch_size or --healthy_holdout")
+    seeds.seed_weights(c.seed)
     diffusion = build_refiner(runtime, c)
     diffusion.residual_scale.fill_(residual_std(runtime, generator, healthy))
     ema = EMA(diffusion, c.refiner_ema)
     optimizer = adam(diffusion.parameters(), c.refiner_lr, (0.9, 0.999), c, runtime.device)
-    noise_generator = torch.Generator(runtime.device).manual_seed(c.seed + 4)
+    noise_generator = torch.Generator(runtime.device).manual_seed(seeds.seed(c.seed, "refiner_noise"))
     start = 0
     if resume:
         start = restore_stage2(c, iteration, diffusion, ema, optimizer, healthy, noise_generator)

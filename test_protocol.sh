@@ -20,5 +20,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 name=$1
 iteration=$2
 shift 2
-"${MAIN[@]}" --mode "test_$protocol" --image_dir "data/$name" --run_dir "runs/$name" \
+require_dataset "$name"
+"${MAIN[@]}" --mode "test_$protocol" --image_dir "$home/data/$name" --run_dir "$home/runs/$name" \
   --test_iters "$iteration" "$@"

@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from main import parse_config, str2bool  # noqa: E402
 import networks  # noqa: E402
 import scoring  # noqa: E402
+import seeds  # noqa: E402
 import stage1_training  # noqa: E402
 import stage2_training  # noqa: E402
 from model import Discriminator, Generator  # noqa: E402
@@ -248,7 +249,7 @@ def ours_stage2_train(solver):
     diffusion = networks.build_refiner(solver.runtime, c)
     ema = EMA(diffusion, c.refiner_ema)
     optimizer = adam(diffusion.parameters(), c.refiner_lr, (0.9, 0.999), c, solver.runtime.device)
-    noise_generator = torch.Generator(solver.runtime.device).manual_seed(c.seed + 4)
+    noise_generator = torch.Generator(solver.runtime.device).manual_seed(seeds.seed(c.seed, "refiner_noise"))
     train_diffusion = solver.runtime.compiled(diffusion)
     x = random_slices(c.batch_size, c.in_channels, c.image_size, solver.runtime.device, 4)
 

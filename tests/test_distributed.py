@@ -13,6 +13,7 @@ import torch
 import data_loader
 import main
 from conftest import TINY_FLAGS, write_toy_dataset
+from test_real_world_failures import small_disk  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -235,3 +236,24 @@ def test_a_killed_rank_stops_the_job_and_one_process_resumes_from_what_was_saved
     assert main.main(train_args(root, run_dir, "--batch_size", "4", "--num_iters", str(last + 1),
                                 "--resume_iters", "latest")) == 0
     assert os.path.isfile(f"{models}/{last + 1}-G.ckpt")
+
+
+def test_a_failed_write_on_rank_0_ends_every_rank_with_its_message(tmp_path, small_disk):
+    root = write_toy_dataset(str(tmp_path / "Toy"))
+    probe = str(tmp_path / "probe")  # one complete checkpoint set, measured on the normal disk
+    assert main.main(train_args(root, probe, "--batch_size", "2", "--model_save_step", "2")) == 0
+    set_bytes = sum(os.path.getsize(f"{probe}/models/2-{part}.ckpt") for part in ("G", "D", "state"))
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    with open(os.path.join(small_disk, "filler"), "wb") as f:  # room for about 2.5 sets
+        f.write(b"\0" * (free - int(2.5 * set_bytes) - 64 * 1024))
+    run_dir = os.path.join(small_disk, "run")
+    started = time.time()
+    failed = subprocess.run(torchrun_command(2, train_args(root, run_dir, "--batch_size", "2", "--num_iters", "50",
+                                                           "--model_save_step", "1", "--sample_step", "1000")),
+                            env=TORCHRUN_ENV, capture_output=True, text=True, timeout=400)
+    assert failed.returncode != 0
+    # every rank prints rank 0's message and ends (not a traceback of a broken collective, nor a timeout)
+    messages = [line for line in failed.stderr.splitlines() if line.startswith("error: [rank 0]")]
+    assert len(messages) == 2 and messages[0] == messages[1], failed.stderr[-3000:]
+    assert "No space left on device" in messages[0] and "Connection closed by peer" not in failed.stderr
+    assert time.time() - started < 300  # starting the ranks takes most of it; the collective timeout is 30 min

@@ -10,7 +10,10 @@ import torch
 
 import main
 import precision
+import stage1_training
 from conftest import TINY_FLAGS
+from errors import UserError
+from test_real_world_failures import small_disk  # noqa: F401 (a fixture)
 
 AUTO = ["--bf16", "auto", "--channels_last", "auto"]
 PLAIN, CHANNELS_LAST, BF16, BF16_CHANNELS_LAST = (False, False), (False, True), (True, False), (True, True)
@@ -129,6 +132,30 @@ def test_the_real_probe_times_every_candidate_and_leaves_the_random_state_alone(
                                       [PLAIN, CHANNELS_LAST], rounds=1)
     assert set(seconds) == {PLAIN, CHANNELS_LAST} and all(0 < s < 60 for s in seconds.values())
     assert torch.equal(torch.get_rng_state(), before)  # a probed run draws the weights a cached one draws
+
+
+def test_a_probe_cache_that_cannot_be_written_is_one_message_and_leaves_no_torn_file(monkeypatch, small_disk):
+    monkeypatch.setattr(precision, "probe_seconds", fake_probe({PLAIN: 1.0, CHANNELS_LAST: 0.5}, []))
+    with open(os.path.join(small_disk, "filler"), "wb") as f:  # the whole disk
+        with pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+    with pytest.raises(UserError, match=precision.PROBE_FILE):
+        precision.probe_cached(config(*AUTO), torch.device("cpu"), [PLAIN, CHANNELS_LAST], small_disk, writes=True)
+    assert sorted(os.listdir(small_disk)) == ["filler"]
+
+
+def test_the_probe_times_the_networks_the_run_trains(monkeypatch):
+    timed = []
+    real_step = stage1_training.train_step
+    monkeypatch.setattr(stage1_training, "train_step",
+                        lambda runtime, c, generator, *rest: timed.append(generator) or real_step(runtime, c, generator,
+                                                                                                  *rest))
+    probe = config(*AUTO, "--image_size", "16", "--map_init", "identity")
+    precision.probe_seconds(probe, torch.device("cpu"), [PLAIN], rounds=1)
+    # the run's generator, identity-initialised (x_c = x at iteration 0), not a zero-map one of the same widths
+    assert timed and all(g.identity_map for g in timed)
 
 
 # ------------------------------------------------------------------------- recorded, honoured, changed machine

@@ -11,6 +11,7 @@ import decisions
 import intensity_correction
 import metrics
 import protocols
+import run_config
 import scoring
 from conftest import TINY_FLAGS
 from main import parse_config
@@ -85,7 +86,7 @@ def test_the_correction_is_fitted_on_the_known_healthy_slices_stage1_trained_on(
     ckpt.atomic_save({"state_dict": generator.state_dict(), "config": saved_config(config)},
                      model_path(config, 10, "G"))
     generator, config, trained_with = load_generator(runtime, config, 10)
-    trained_on, held_out = data_loader.stage1_known_healthy_split(toy_dataset, trained_with)
+    trained_on, held_out = run_config.known_healthy_split(toy_dataset, trained_with)
     assert len(held_out) == 9 and len(trained_on) == 9  # 3 of the 6 known-healthy patients held out
 
     def by_hand(paths):

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from conftest import TINY_FLAGS, SLICES_PER_PATIENT
 from data_loader import known_healthy_split, patient_id, protocol_slices
 
@@ -33,8 +35,10 @@ def test_each_protocol_scores_its_own_sets_with_its_labels(toy_dataset):
                     **{f"mneg{i}": 1 for i in range(4)}}
 
 
-def run(command, cwd, **kwargs):
-    env = {**os.environ, "PYTHONPATH": REPO, "BRAINOMALY_PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+def run(command, cwd, home=None, **kwargs):
+    """A shell script run in folder cwd, with data/ and runs/ in `home` (default: cwd, not the repository)."""
+    env = {**os.environ, "PYTHONPATH": REPO, "BRAINOMALY_PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "",
+           "BRAINOMALY_HOME": home or cwd}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
 
 
@@ -54,7 +58,7 @@ def test_protocol_scripts_print_their_usage_and_exit_2_without_name_and_iter(tmp
 
 
 def test_shell_scripts_train_and_run_the_three_protocols(toy_dataset, tmp_path):
-    work = str(tmp_path)  # train.sh NAME reads data/NAME and writes runs/NAME relative to the current folder
+    work = str(tmp_path)  # train.sh NAME reads data/NAME and writes runs/NAME in BRAINOMALY_HOME (here: work)
     train = run(["bash", f"{REPO}/train.sh", "Toy", *TINY_FLAGS, "--num_iters", "6", "--model_save_step", "3",
                  "--sample_step", "3", "--refiner_iters", "0"], work)
     assert train.returncode == 0, train.stderr[-2000:]
@@ -123,3 +127,30 @@ def test_an_auc_estimate_outside_0_1_is_flagged_not_printed_as_a_figure(capsys):
     assert "AUC estimate (rho 0.6)" in out and "1.3500" in out and "outside [0, 1]" in out
     print_result({**result, "auc": 0.66, "auc_estimate_from_rho": (0.66 - 0.3) / 0.4}, "out")
     assert "outside [0, 1]" not in capsys.readouterr().out
+
+
+def test_a_sweep_over_checkpoints_scored_with_different_reconstructions_writes_every_column(toy_dataset, tmp_path):
+    work = str(tmp_path)
+    train = run(["bash", f"{REPO}/train.sh", "Toy", *TINY_FLAGS, "--num_iters", "6", "--model_save_step", "2",
+                 "--sample_step", "6", "--refiner_iters", "1", "--refine_from", "4"], work)
+    assert train.returncode == 0, train.stderr[-2000:]
+    # --refiner auto scores checkpoint 4 refined (its refiner passed the check), 2 calibrated (its refiner failed
+    # the check, and f(x_c) separated better) and 6 coarse (no refiner): the check's verdicts are set here
+    models = os.path.join(work, "runs/Toy/models")
+    refiner = torch.load(os.path.join(models, "4-R.ckpt"), weights_only=True)
+    for iteration, helps in ((2, False), (4, True)):
+        check = {**refiner["holdout_check"], "refiner_helps": helps, "fallback": "calibrated"}
+        torch.save({**refiner, "refines": iteration, "holdout_check": check},
+                   os.path.join(models, f"{iteration}-R.ckpt"))
+    sweep = run(["bash", f"{REPO}/test_aucp.sh", "Toy", "all", "--num_workers", "0"], work)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    rows = read_csv(os.path.join(work, "runs/Toy/results/aucp_selection.csv"))
+    assert [(row["iteration"], row["reconstruction"]) for row in rows] == [
+        ("2", "calibrated"), ("4", "refined"), ("6", "coarse")]
+    assert [bool(row["auc_refined"]) for row in rows] == [False, True, False]  # blank where not scored refined
+    assert all(row["auc_coarse"] and row["auc_calibrated"] for row in rows)
+    table = sweep.stdout.split("AUC by checkpoint\n")[1].splitlines()
+    header = table[0].split()
+    assert header[:3] == ["iteration", "reconstruction", "AUC"] and sorted(header[3:]) == [
+        "calibrated", "coarse", "refined"]
+    assert [len(line.split()) for line in table[1:4]] == [5, 6, 5]

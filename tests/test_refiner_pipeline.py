@@ -21,7 +21,7 @@ def test_two_stages_refined_and_coarse_scoring_maps_and_new_scans(toy_dataset, t
     assert all(row["aucp_low"] <= row["aucp"] <= row["aucp_high"] for row in selection["candidates"])
     models = f"{work}/runs/Toy/models"
     assert os.path.isfile(f"{models}/{best}-R.ckpt") and os.path.isfile(f"{models}/{best}-R-state.ckpt")
-    assert f"runs/Toy/models/{best}-R.ckpt refines runs/Toy/models/{best}-G.ckpt" in train.stdout
+    assert f"{models}/{best}-R.ckpt refines {models}/{best}-G.ckpt" in train.stdout
 
     # auto follows stage 2's held-out check: the refiner when it passed, else its fallback with a warning.
     check = json.load(open(f"{work}/runs/Toy/results/{best}/refiner_check.json"))

@@ -1,0 +1,123 @@
+"""A run remembers how it was made: a resume continues it with its own settings, and its held-out known-healthy
+patients are stored, so later changes to train/neg change no label-free number."""
+import glob
+import json
+import os
+import shutil
+
+import torch
+
+import main
+from conftest import TINY_FLAGS
+from test_protocols import REPO, read_csv, run
+
+# a run unlike the defaults in every setting a resume could lose
+RUN_FLAGS = [*TINY_FLAGS, "--seed", "3", "--g_lr", "3e-4", "--d_lr", "2e-4", "--lambda_id", "5",
+             "--augment_shift", "0.1", "--g_ema", "0.9", "--healthy_holdout", "0.4", "--num_iters", "6",
+             "--model_save_step", "3", "--sample_step", "3", "--refiner_iters", "2", "--refiner_lr", "1e-3",
+             "--refiner_ema", "0.9", "--refine_from", "6"]
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def kill_after_first_checkpoint(run_dir):
+    """What a kill of the run leaves once stage 1 has saved iteration 3 and before it saves 6."""
+    models = os.path.join(run_dir, "models")
+    for path in {*glob.glob(f"{models}/6-*"), *glob.glob(f"{models}/*-R*.ckpt"), *glob.glob(f"{models}/*.json")}:
+        if not path.endswith("config.json"):
+            os.remove(path)
+    shutil.rmtree(os.path.join(run_dir, "results"), ignore_errors=True)
+
+
+def test_resume_latest_after_a_kill_continues_the_run_with_its_own_settings(toy_dataset, tmp_path):
+    work = str(tmp_path)
+    whole = run(["bash", f"{REPO}/train.sh", "Toy", *RUN_FLAGS], work)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    shutil.copytree(f"{work}/runs/Toy", f"{work}/runs/Killed")
+    kill_after_first_checkpoint(f"{work}/runs/Killed")
+    shutil.copytree(f"{work}/data/Toy", f"{work}/data/Killed")
+
+    # the documented resume, none of the run's flags repeated
+    resumed = run(["bash", f"{REPO}/train.sh", "Killed", "--resume_iters", "latest", "--num_workers", "0",
+                   "--use_tensorboard", "false"], work, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for name in ("6-G.ckpt", "6-D.ckpt", "6-R.ckpt"):
+        ours, theirs = weights(f"{work}/runs/Toy/models/{name}"), weights(f"{work}/runs/Killed/models/{name}")
+        for key in ours:
+            assert torch.allclose(ours[key], theirs[key], atol=1e-6), f"{name} {key} differs after the resume"
+
+
+def train(root, run_dir, *flags):
+    return main.main(["--mode", "train", "--image_dir", root, "--run_dir", run_dir, *flags])
+
+
+def test_a_resume_refuses_another_seed_and_records_a_changed_flag(toy_dataset, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    assert train(toy_dataset, run_dir, *RUN_FLAGS) == 0
+    models = f"{run_dir}/models"
+    before = sorted(os.listdir(models))
+    capsys.readouterr()
+    assert train(toy_dataset, run_dir, "--resume_iters", "latest", "--seed", "4") == 2
+    err = capsys.readouterr().err
+    assert "--seed 4" in err and "--seed 3" in err
+    assert sorted(os.listdir(models)) == before
+
+    assert train(toy_dataset, run_dir, "--resume_iters", "latest", "--num_iters", "7", "--num_workers", "0",
+                 "--use_tensorboard", "false") == 0
+    assert capsys.readouterr().out.count("--num_iters 6 -> 7: continuing to 7") == 1
+    assert os.path.isfile(f"{models}/7-G.ckpt")
+    saved = json.load(open(f"{models}/config.json"))
+    assert saved["num_iters"] == 7 and saved["g_lr"] == 3e-4
+    assert saved["history"][-1]["changed"] == {"num_iters": {"from": 6, "to": 7}}
+
+
+def test_the_held_out_patients_are_stored_and_later_changes_to_train_neg_change_no_label_free_number(
+        toy_dataset, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    assert train(toy_dataset, run_dir, *RUN_FLAGS, "--num_iters", "3") == 0
+    saved = json.load(open(f"{run_dir}/models/config.json"))["known_healthy_patients"]
+    stored = torch.load(f"{run_dir}/models/3-G.ckpt", weights_only=True)["config"]["known_healthy_patients"]
+    assert stored == saved and len(saved["held_out"]) == 2 and len(saved["trained_on"]) == 4
+    aucp = ["--mode", "test_aucp", "--image_dir", toy_dataset, "--run_dir", run_dir, "--test_iters", "3",
+            "--num_workers", "0"]
+
+    def label_free_numbers():
+        assert main.main(aucp) == 0
+        summary = json.load(open(f"{run_dir}/results/3/coarse/aucp.json"))
+        rows = read_csv(f"{run_dir}/results/3/coarse/aucp.csv")
+        return (summary["auc"], summary["auc_by_reconstruction"],
+                sorted(row["pid"] for row in rows if row["label"] == "0"))
+
+    before = label_free_numbers()
+    assert before[2] == saved["held_out"]
+    healthy = f"{toy_dataset}/train/neg"
+    for name in sorted(os.listdir(healthy)):  # two new patients, and one trained-on patient gone
+        if name.startswith(saved["held_out"][0]):
+            for prefix in ("new", "later"):
+                shutil.copy(f"{healthy}/{name}", f"{healthy}/{prefix}{name}")
+        if name.startswith(saved["trained_on"][0]):
+            os.remove(f"{healthy}/{name}")
+    capsys.readouterr()
+    assert label_free_numbers() == before
+    out = capsys.readouterr().out
+    assert "2 patient(s) in" in out and "are ignored" in out
+
+    for name in os.listdir(healthy):
+        if name.startswith(saved["held_out"][1]):
+            os.remove(f"{healthy}/{name}")
+    assert main.main(aucp) == 2
+    assert saved["held_out"][1] in capsys.readouterr().err
+
+
+def test_a_run_whose_data_moved_to_another_folder_scores_aucp_over_its_held_out_patients(toy_dataset, tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert train(toy_dataset, run_dir, *RUN_FLAGS, "--num_iters", "2") == 0
+    held_out = json.load(open(f"{run_dir}/models/config.json"))["known_healthy_patients"]["held_out"]
+    moved = str(tmp_path / "elsewhere" / "Toy")  # as on another machine: the recorded folder is gone
+    shutil.move(toy_dataset, moved)
+    assert main.main(["--mode", "test_aucp", "--image_dir", moved, "--run_dir", run_dir, "--test_iters", "2",
+                      "--num_workers", "0"]) == 0
+    rows = read_csv(f"{run_dir}/results/2/coarse/aucp.csv")
+    assert sorted(row["pid"] for row in rows if row["label"] == "0") == held_out
