@@ -23,7 +23,7 @@ def weights_key(model_dir, iteration, parts=("G",)):
 
 
 def scoring_key(networks):
-    """What the scores of these networks (networks.ScoringNetworks) depend on besides the slices: the
+    """What the scores of these networks (scoring_networks.ScoringNetworks) depend on besides the slices: the
     reconstruction, the score region, the weights, and for the refined one its sampling (steps, samples, seed)."""
     c = networks.config
     key = {"reconstruction": networks.reconstruction, "score_region": c.score_region}

@@ -1,14 +1,10 @@
 """The networks of both stages: built from the config, or loaded from checkpoint ITER with the architecture
 saved in it (the returned config carries that architecture; the caller's config is left as it was)."""
 import os
-from typing import NamedTuple, Optional
-
-import torch
 
 import checkpoint as ckpt
 import decisions
 import distributed
-import intensity_correction
 from diffusion_refiner import REFINER_ARCHITECTURE_FLAGS, RefinerUNet, ResidualDiffusion
 from errors import UserError
 from model import ARCHITECTURE_FLAGS, Discriminator, Generator
@@ -94,28 +90,3 @@ def load_refiner(runtime, config, iteration):
     diffusion.load_state_dict(saved["state_dict"])
     diffusion.holdout_check = check  # reported beside the protocol results
     return diffusion.eval().requires_grad_(False), config, "refined"
-
-
-class ScoringNetworks(NamedTuple):
-    """What scoring needs of checkpoint ITER: G, the refiner (None: score without it), the intensity correction f
-    (scores with f(x_c) are computed beside the others), the matching config, and the reconstruction the anomaly
-    maps and scores use: refined (x_r), calibrated (f(x_c)) or coarse (x_c)."""
-    iteration: int
-    generator: torch.nn.Module
-    refiner: Optional[ResidualDiffusion]
-    config: object  # the caller's config with the checkpoints' architecture
-    training_config: dict  # the config stage 1 was trained with (its image_dir holds the known-healthy set)
-    correction: Optional[intensity_correction.IntensityCorrection] = None
-    scoring_with: Optional[str] = None  # None: refined with a refiner, else coarse
-
-    @property
-    def reconstruction(self):
-        """The reconstruction the anomaly maps and scores use: refined, calibrated or coarse."""
-        return self.scoring_with or ("coarse" if self.refiner is None else "refined")
-
-
-def load_for_scoring(runtime, config, iteration):
-    generator, config, training_config = load_generator(runtime, config, iteration)
-    refiner, config, reconstruction = load_refiner(runtime, config, iteration)
-    correction = intensity_correction.for_checkpoint(runtime, config, iteration, generator, training_config)
-    return ScoringNetworks(iteration, generator, refiner, config, training_config, correction, reconstruction)

@@ -32,7 +32,8 @@ import run_layout
 import scoring
 import visualize
 from checkpoint import replace_config
-from networks import load_for_scoring, resolve_iteration
+from networks import resolve_iteration
+from scoring_networks import load_for_scoring
 from training_log import log_protocol, start_neptune
 
 

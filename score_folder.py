@@ -10,7 +10,8 @@ import metrics
 import run_layout
 import scoring
 import volume_scoring
-from networks import load_for_scoring, resolve_iteration
+from networks import resolve_iteration
+from scoring_networks import load_for_scoring
 from protocols import known_healthy_reference
 
 

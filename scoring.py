@@ -83,7 +83,7 @@ def score_batch(runtime, networks, x, names, index):
 
 @torch.inference_mode()
 def scored_batches(runtime, networks, paths):
-    """Score the slices of `paths` with networks (networks.ScoringNetworks), one ScoredBatch at a time: all of
+    """Score the slices of `paths` with networks (scoring_networks.ScoringNetworks), one ScoredBatch at a time: all of
     them in one process, this rank's whole batches under torchrun (ScoredBatch.index is a position in `paths`)."""
     c = networks.config
     if runtime.world_size > 1:

@@ -26,7 +26,8 @@ from ema import EMA
 from errors import UserError
 from model import healthy_reconstruction
 from decisions import describe_check
-from networks import ScoringNetworks, build_refiner, load_generator, model_path, resolve_iteration, saved_config
+from networks import build_refiner, load_generator, model_path, resolve_iteration, saved_config
+from scoring_networks import ScoringNetworks
 from protocols import select_checkpoint, selected_checkpoint
 from speed import FiniteCheck, adam
 from training_log import TrainingLogger

@@ -309,6 +309,7 @@ def scoring_inputs():
 def score_in_mode(scoring_inputs, bf16, channels_last):
     import networks
     import scoring
+    import scoring_networks
     from solver import Solver
     g_state, r_state, x = scoring_inputs
     solver = Solver(config("--bf16", bf16, "--channels_last", channels_last))
@@ -317,7 +318,7 @@ def score_in_mode(scoring_inputs, bf16, channels_last):
     generator.load_state_dict(g_state)
     refiner = networks.build_refiner(runtime, c)
     refiner.load_state_dict(r_state)
-    scored = networks.ScoringNetworks(1, generator.eval(), refiner.eval(), c, {})
+    scored = scoring_networks.ScoringNetworks(1, generator.eval(), refiner.eval(), c, {})
     names = [f"p{i}_slice{i}.png" for i in range(len(x))]
     batch = scoring.score_batch(runtime, scored, x, names, list(range(len(x))))
     coarse = scoring.map_and_scores(x, batch.coarse, c.score_region)

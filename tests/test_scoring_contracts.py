@@ -11,7 +11,7 @@ import torch
 import data_loader
 import metrics
 import scoring
-from networks import ScoringNetworks
+from scoring_networks import ScoringNetworks
 
 # one 2x2 slice: background (-1, and -0.97 just under the head level -0.96) and head pixels (-0.95 just over)
 X = torch.tensor([[[[-1.0, 0.75], [-0.97, -0.25]]],
