@@ -150,14 +150,7 @@ def select_last(candidates):
 
 def smoothed_aucp(candidates, window=SMOOTHING_WINDOW):
     """{candidate: mean AUCp of it and its neighbouring checkpoints of the same reconstruction}."""
-    smoothed = {}
-    for reconstruction in {str(c.reconstruction) for c in candidates}:
-        curve = sorted((c for c in candidates if str(c.reconstruction) == reconstruction), key=lambda c: c.iteration)
-        half = window // 2
-        for i, c in enumerate(curve):
-            neighbours = curve[max(0, i - half):i + half + 1]
-            smoothed[c] = float(np.mean([n.aucp for n in neighbours]))
-    return smoothed
+    return {original: smoothed.aucp for smoothed, original in smoothed_candidates(candidates, window).items()}
 
 
 def select_smoothed(candidates):
