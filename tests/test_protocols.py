@@ -149,7 +149,10 @@ def test_a_sweep_over_checkpoints_scored_with_different_reconstructions_writes_e
         ("2", "calibrated"), ("4", "refined"), ("6", "coarse")]
     assert [bool(row["auc_refined"]) for row in rows] == [False, True, False]  # blank where not scored refined
     assert all(row["auc_coarse"] and row["auc_calibrated"] for row in rows)
-    table = sweep.stdout.split("AUC by checkpoint\n")[1].splitlines()
+    # the AUCp sweep prints the candidates of the pick (test_decisions); the inductive sweep prints this table
+    inductive = run(["bash", f"{REPO}/test_inductive.sh", "Toy", "all", "--num_workers", "0"], work)
+    assert inductive.returncode == 0, inductive.stderr[-2000:]
+    table = inductive.stdout.split("AUC by checkpoint\n")[1].splitlines()
     header = table[0].split()
     assert header[:3] == ["iteration", "reconstruction", "AUC"] and sorted(header[3:]) == [
         "calibrated", "coarse", "refined"]

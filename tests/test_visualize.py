@@ -64,7 +64,7 @@ def test_learning_curve_png_with_missing_values(tmp_path):
     path = tmp_path / "curves" / "auc.png"
     save_learning_curve([10000, 20000, 30000], {"AUCp": [0.55, 0.6, 0.58], "inductive AUC": [0.7, None, 0.9]},
                         path, "selection")
-    assert _open(path) == (700, 400)
+    assert _open(path) == (900, 400)  # the legend beside the axes
     with pytest.raises(ValueError, match="AUCp"):
         save_learning_curve([1, 2], {"AUCp": [0.5]}, tmp_path / "bad.png", "x")
 
