@@ -45,6 +45,19 @@ def shift_fraction(value):
     return fraction
 
 
+def whole_number(minimum):
+    """An argparse type: an integer of at least `minimum` (a count of iterations or steps)."""
+    def parse(value):
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {value!r}")
+        return number
+    return parse
+
+
 def iteration_or_keyword(*keywords):
     def parse(value):
         if value in keywords:
@@ -96,6 +109,14 @@ def build_parser():
                         "the tanh head's per-intensity error)")
     m.add_argument("--lambda_gp", type=float, default=10.0, help="weight of the WGAN-GP gradient penalty")
     m.add_argument("--lambda_id", type=float, default=1.0, help="weight of the identity L1 loss on healthy slices")
+    m.add_argument("--lambda_id_start", type=float, default=1.0,
+                   help="the identity weight at iteration 0 when --lambda_id_ramp is set (linear to --lambda_id)")
+    m.add_argument("--lambda_id_ramp", type=whole_number(0), default=0,
+                   help="iterations over which the identity weight rises from --lambda_id_start to --lambda_id "
+                        "(0: --lambda_id from the start, as the reference)")
+    m.add_argument("--gp_every", type=whole_number(1), default=1,
+                   help="lazy regularisation: the gradient penalty on every k-th critic step only, weighted k x "
+                        "--lambda_gp (1: every step, as the reference)")
 
     t = p.add_argument_group("training (stage 1)")
     t.add_argument("--batch_size", type=int, default=16,
@@ -107,6 +128,9 @@ def build_parser():
     t.add_argument("--g_lr", type=float, default=1e-4, help="generator learning rate")
     t.add_argument("--d_lr", type=float, default=1e-4, help="critic learning rate")
     t.add_argument("--n_critic", type=int, default=2, help="critic updates per generator update")
+    t.add_argument("--d_warmup", type=whole_number(0), default=0,
+                   help="iterations at the start that train the critic alone, G left where it started (counted in "
+                        "--num_iters; 0: none, as the reference)")
     t.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
     t.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
     t.add_argument("--resume_iters", type=iteration_or_keyword("latest"), default=None,

@@ -26,7 +26,8 @@ from run_layout import write_json
 # the flags that change what a run trains and when it saves: stage 1, then stage 2 (whose held-out check at the end
 # scores with --score_region, --ddim_steps and --refiner_samples)
 RUN_FLAGS = ARCHITECTURE_FLAGS + (
-    "lambda_gp", "lambda_id", "batch_size", "num_iters", "num_iters_decay", "lr_decay", "g_lr", "d_lr", "n_critic",
+    "lambda_gp", "lambda_id", "lambda_id_start", "lambda_id_ramp", "gp_every", "batch_size", "num_iters",
+    "num_iters_decay", "lr_decay", "g_lr", "d_lr", "n_critic", "d_warmup",
     "beta1", "beta2", "preload", "g_ema", "seed", "augment_shift", "healthy_holdout",
     "log_step", "sample_step", "model_save_step", "lr_update_step",
 ) + REFINER_ARCHITECTURE_FLAGS + (

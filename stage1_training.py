@@ -36,6 +36,27 @@ def gradient_penalty(critic, real, fake, alpha):
     return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
+def identity_weight(config, iteration):
+    """lambda_id at `iteration`: linear from --lambda_id_start to --lambda_id over the first --lambda_id_ramp
+    iterations, then --lambda_id (a ramp of 0: --lambda_id throughout). A low early weight lets G leave the
+    identity while the critic still tells mixed from healthy; the full weight then keeps healthy brains as they are."""
+    c = config
+    ramp = min(1.0, iteration / c.lambda_id_ramp) if c.lambda_id_ramp > 0 else 1.0
+    return c.lambda_id_start + (c.lambda_id - c.lambda_id_start) * ramp
+
+
+def penalised_step(config, iteration):
+    """Lazy regularisation (StyleGAN2): the gradient penalty on every --gp_every-th critic step only, weighted by
+    --gp_every so that its expected pull is the same; the double backward it costs is skipped in between."""
+    return iteration % config.gp_every == 0
+
+
+def generator_steps(config, iteration):
+    """Whether `iteration` updates G: never in the first --d_warmup iterations (the critic alone learns mixed from
+    healthy while G is still where it started), then one G update every --n_critic critic updates."""
+    return iteration >= config.d_warmup and (iteration + 1 - config.d_warmup) % config.n_critic == 0
+
+
 def set_learning_rates(config, optimizers, iteration):
     """Linear decay to 0 over the last num_iters_decay iterations, in steps of lr_update_step (off by default)."""
     c = config
@@ -102,9 +123,13 @@ def restore_stage1(config, iteration, g_saved, generator, g_ema, critic, g_optim
 
 
 def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_mixed, x_healthy, alpha,
-               update_generator):
-    """One stage-1 iteration: a critic update, and a generator update when update_generator. Returns losses."""
+               update_generator, lambda_id=None, gp_weight=None):
+    """One stage-1 iteration: a critic update, and a generator update when update_generator. Returns losses.
+    lambda_id: the identity weight of this iteration (default --lambda_id); gp_weight: the penalty's weight this
+    step (default --lambda_gp; 0 skips the penalty: lazy regularisation's steps in between)."""
     c = config
+    lambda_id = c.lambda_id if lambda_id is None else lambda_id
+    gp_weight = c.lambda_gp if gp_weight is None else gp_weight
     # =================== Train the critic =================== #
     with runtime.autocast():
         if update_generator:
@@ -123,12 +148,16 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
         # d_loss.backward() below runs each weight's accumulator once, on the sum of the first-order and the
         # penalty's second-order terms, so the one all-reduce averages the whole critic gradient.
         # A compiled critic cannot be differentiated twice either: unwrap also strips torch.compile's wrapper.
-        d_loss_gp = gradient_penalty(distributed.unwrap(critic), x_healthy, fake, alpha)
-        d_loss = d_loss_real + d_loss_fake + c.lambda_gp * d_loss_gp
+        d_loss = d_loss_real + d_loss_fake
+        if gp_weight > 0:
+            d_loss_gp = gradient_penalty(distributed.unwrap(critic), x_healthy, fake, alpha)
+            d_loss = d_loss + gp_weight * d_loss_gp
     d_optimizer.zero_grad(set_to_none=True)
     d_loss.backward()
     d_optimizer.step()
-    losses = {"D/loss_real": d_loss_real, "D/loss_fake": d_loss_fake, "D/loss_gp": d_loss_gp, "D/loss": d_loss}
+    losses = {"D/loss_real": d_loss_real, "D/loss_fake": d_loss_fake, "D/loss": d_loss}
+    if gp_weight > 0:
+        losses["D/loss_gp"] = d_loss_gp
 
     # =================== Train the generator =================== #
     if update_generator:
@@ -141,11 +170,11 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
         g_loss_fake.backward()
         with runtime.autocast():
             g_loss_id = (healthy_reconstruction(x_healthy, generator(x_healthy)) - x_healthy).abs().mean()
-        (c.lambda_id * g_loss_id).backward()
+        (lambda_id * g_loss_id).backward()
         g_optimizer.step()
         critic.requires_grad_(True)
         losses.update({"G/loss_fake": g_loss_fake, "G/loss_id": g_loss_id,
-                       "G/loss": g_loss_fake.detach() + c.lambda_id * g_loss_id.detach()})
+                       "G/loss": g_loss_fake.detach() + lambda_id * g_loss_id.detach()})
     return losses
 
 
@@ -235,12 +264,13 @@ def train(runtime, config):
         set_learning_rates(c, ((g_optimizer, c.g_lr), (d_optimizer, c.d_lr)), i)
         x_mixed = next(mixed).to(runtime.device, non_blocking=True)
         x_healthy = next(healthy).to(runtime.device, non_blocking=True)
-        update_generator = (i + 1) % c.n_critic == 0
+        update_generator = generator_steps(c, i)
         # drawn for the global batch, this rank's rows kept: every rank's generator stays in step
         alpha = distributed.rank_slice(torch.rand(c.batch_size * ranks, 1, 1, 1,
                                                   generator=noise_generator)).to(runtime.device)
         step_losses = train_step(runtime, c, train_generator, train_critic, g_optimizer, d_optimizer,
-                                 x_mixed, x_healthy, alpha, update_generator)
+                                 x_mixed, x_healthy, alpha, update_generator, identity_weight(c, i),
+                                 c.lambda_gp * c.gp_every if penalised_step(c, i) else 0.0)
         if ranks > 1:  # means over ranks: every rank logs, and stops on a non-finite loss, alike
             step_losses = dict(zip(step_losses, distributed.mean(torch.stack([v.detach().float()
                                                                               for v in step_losses.values()]))))
