@@ -6,7 +6,8 @@ Every network/width flag of main.py passes through (--g_conv_dim, --d_conv_dim, 
 --refiner_dim, --refiner_dim_mults, --ddim_steps, ...). For each device it measures
 
   ceiling                 a large torch.mm (fp32; bf16 too on CUDA or with --bf16 on): a practical FLOP/s ceiling
-  ours_stage1_train       stage1_training.train_step, one critic-only and one critic+generator iteration (n_critic 2)
+  ours_stage1_train       stage1_training.train_step over one cycle of the training loop's schedule: n_critic
+                          iterations (the last one also steps G), lcm(n_critic, gp_every) with a lazy penalty
   ours_stage2_train       the stage-2 loop body: frozen G -> x_c, refiner loss, backward, Adam step, EMA update
   ours_score_coarse       scoring.reconstruct at --batch_size under torch.inference_mode (refiner off)
   ours_score_refined      the same with the refiner on (--ddim_steps DDIM steps)
@@ -26,6 +27,7 @@ compute the same losses and the same scores; they differ only in how much work t
 """
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -234,11 +236,17 @@ def ours_stage1_train(solver):
     alpha = torch.rand(c.batch_size, 1, 1, 1, generator=torch.Generator().manual_seed(3)).to(solver.runtime.device)
     train_g, train_d = solver.runtime.compiled(generator), solver.runtime.compiled(critic)
 
-    def pair(g, d):
-        stage1_training.train_step(solver.runtime, c, g, d, g_opt, d_opt, x_mixed, x_healthy, alpha, False)
-        stage1_training.train_step(solver.runtime, c, g, d, g_opt, d_opt, x_mixed, x_healthy, alpha, True)
+    # one unit: a whole cycle of the schedule the training loop runs, G every n_critic-th iteration and, with
+    # --gp_every k (lazy regularisation), the penalty on every k-th at k x its weight
+    iterations = math.lcm(c.n_critic, c.gp_every)
 
-    return lambda: pair(train_g, train_d), 2, lambda: pair(generator, critic)
+    def cycle(g, d):
+        for i in range(iterations):
+            stage1_training.train_step(solver.runtime, c, g, d, g_opt, d_opt, x_mixed, x_healthy, alpha,
+                                       (i + 1) % c.n_critic == 0, c.lambda_id,
+                                       c.lambda_gp * c.gp_every if stage1_training.penalised_step(c, i) else 0.0)
+
+    return lambda: cycle(train_g, train_d), iterations, lambda: cycle(generator, critic)
 
 
 def ours_stage2_train(solver):

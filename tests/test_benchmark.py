@@ -169,3 +169,22 @@ def test_workloads_flag_rejects_unknown_names(value, capsys):
     assert "unknown workload(s)" in err and "choose from ours_stage1_train" in err
     if "stage3" in value:
         assert "ours_stage3_train" in err.split("choose from")[0]  # the unknown one is named
+
+
+def test_a_lazy_penalty_is_timed_over_its_whole_cycle_with_less_work(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+    def stage1_workload(*flags):
+        out = tmp_path / f"bench{len(flags)}.json"
+        done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "benchmark.py"), *TINY, "--out", str(out),
+                               "--workloads", "ours_stage1_train", "--bf16", "off", "--channels_last", "off", *flags],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(out.read_text())["results"]["cpu"]["workloads"]["ours_stage1_train"]
+
+    every_step, lazy = stage1_workload(), stage1_workload("--gp_every", "4")
+    # one unit is the schedule's whole cycle: 4 iterations, 2 of them with a generator step, 1 with the penalty
+    assert (every_step["units_per_step"], lazy["units_per_step"]) == (2, 4)
+    # the penalty's double backward skipped on 3 of 4 critic steps: less work per iteration (7% at these tiny
+    # widths, where the generator's passes are most of it)
+    assert lazy["flops_per_unit"] < 0.98 * every_step["flops_per_unit"]
