@@ -11,6 +11,7 @@ alone writes checkpoints, samples and logs."""
 import os
 
 import torch
+from torch.profiler import record_function as region
 from tqdm import tqdm
 
 import checkpoint as ckpt
@@ -131,7 +132,8 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
     lambda_id = c.lambda_id if lambda_id is None else lambda_id
     gp_weight = c.lambda_gp if gp_weight is None else gp_weight
     # =================== Train the critic =================== #
-    with runtime.autocast():
+    # (region(...): named parts of the step for torch.profiler, bench/profile_stage1.py; free when not profiling)
+    with runtime.autocast(), region("stage1/generator forward"):
         if update_generator:
             # This pass's graph also serves the generator step below (the critic step does not change G;
             # the reference runs G on x_M a second time there).
@@ -139,9 +141,11 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
         else:
             with torch.no_grad():  # the reference builds a graph here that it never uses
                 fake = healthy_reconstruction(x_mixed, generator(x_mixed))
+    with runtime.autocast():
         # the losses are fp32 means (.float(): the critic's output is bf16 under bf16 autocast)
-        d_loss_real = -critic(x_healthy).float().mean()
-        d_loss_fake = critic(fake.detach()).float().mean()
+        with region("stage1/critic forward"):
+            d_loss_real = -critic(x_healthy).float().mean()
+            d_loss_fake = critic(fake.detach()).float().mean()
         # The penalty goes through the plain critic, not its DDP wrapper: DDP synchronises gradients with hooks on
         # each weight's gradient accumulator, which autograd.grad(create_graph=True) never runs (it stops at the
         # input), and a DDP forward whose graph is differentiated twice is not what those hooks expect.
@@ -150,11 +154,14 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
         # A compiled critic cannot be differentiated twice either: unwrap also strips torch.compile's wrapper.
         d_loss = d_loss_real + d_loss_fake
         if gp_weight > 0:
-            d_loss_gp = gradient_penalty(distributed.unwrap(critic), x_healthy, fake, alpha)
+            with region("stage1/gradient penalty forward"):
+                d_loss_gp = gradient_penalty(distributed.unwrap(critic), x_healthy, fake, alpha)
             d_loss = d_loss + gp_weight * d_loss_gp
     d_optimizer.zero_grad(set_to_none=True)
-    d_loss.backward()
-    d_optimizer.step()
+    with region("stage1/critic backward"):
+        d_loss.backward()
+    with region("stage1/critic optimiser"):
+        d_optimizer.step()
     losses = {"D/loss_real": d_loss_real, "D/loss_fake": d_loss_fake, "D/loss": d_loss}
     if gp_weight > 0:
         losses["D/loss_gp"] = d_loss_gp
@@ -165,13 +172,16 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
         g_optimizer.zero_grad(set_to_none=True)
         # L_G = adversarial + lambda_id * identity is a sum: back-propagate the mixed half first, so its
         # graph is freed before the healthy half's is built (half the activation memory, same gradients).
-        with runtime.autocast():  # plain critic: its weights get no gradient here, so nothing to synchronise
-            g_loss_fake = -distributed.unwrap(critic)(fake).float().mean()
-        g_loss_fake.backward()
-        with runtime.autocast():
-            g_loss_id = (healthy_reconstruction(x_healthy, generator(x_healthy)) - x_healthy).abs().mean()
-        (lambda_id * g_loss_id).backward()
-        g_optimizer.step()
+        with region("stage1/generator adversarial"):
+            with runtime.autocast():  # plain critic: its weights get no gradient here, so nothing to synchronise
+                g_loss_fake = -distributed.unwrap(critic)(fake).float().mean()
+            g_loss_fake.backward()
+        with region("stage1/generator identity"):
+            with runtime.autocast():
+                g_loss_id = (healthy_reconstruction(x_healthy, generator(x_healthy)) - x_healthy).abs().mean()
+            (lambda_id * g_loss_id).backward()
+        with region("stage1/generator optimiser"):
+            g_optimizer.step()
         critic.requires_grad_(True)
         losses.update({"G/loss_fake": g_loss_fake, "G/loss_id": g_loss_id,
                        "G/loss": g_loss_fake.detach() + lambda_id * g_loss_id.detach()})

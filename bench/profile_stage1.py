@@ -1,0 +1,112 @@
+"""Where a stage-1 iteration's time goes: torch.profiler over the training loop's schedule (stage1_training.train_step,
+the EMA update), grouped into the parts of the step and into kinds of operator.
+
+    python bench/profile_stage1.py --bf16 on --image_size 64 --batch_size 8 --g_conv_dim 64 --d_conv_dim 64 \
+        --g_repeat_num 6 --d_repeat_num 5 --map_init identity --json bench/results/profile.json
+
+Every main.py flag passes through (--gp_every, --n_critic, --bf16, --channels_last, ...). The parts are the
+record_function regions of train_step ("stage1/..."); the operator kinds sum the operators' self CPU time.
+Run it on a quiet machine: the shares are only as steady as the machine."""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import networks  # noqa: E402
+import stage1_training  # noqa: E402
+from bench.benchmark import random_slices  # noqa: E402
+from ema import EMA  # noqa: E402
+from main import parse_config  # noqa: E402
+from speed import adam  # noqa: E402
+
+# operator kinds by name: the first pattern found in an operator's name (aten::..., mkldnn::...) names its kind
+KINDS = (("convolution backward", ("convolution_backward", "conv_transpose", "mkldnn_convolution_backward")),
+         ("convolution", ("convolution", "conv2d", "_convolution")),
+         ("normalisation", ("norm",)),
+         ("casts and copies", ("copy_", "_to_copy", "to", "contiguous", "clone")),
+         ("optimiser", ("_foreach", "adam", "lerp")),
+         ("elementwise", ("add", "mul", "sub", "div", "tanh", "relu", "leaky", "abs", "sgn", "pow", "sqrt", "atanh",
+                          "threshold", "where", "neg", "fill", "zero")),
+         ("reductions", ("sum", "mean", "norm", "linalg")))
+
+
+def kind_of(name):
+    short = name.split("::")[-1].lower()
+    for kind, patterns in KINDS:
+        if any(p == short or short.startswith(p) or p in short for p in patterns):
+            return kind
+    return "other"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cycles", type=int, default=3, help="profiled cycles of the schedule (after one untimed)")
+    p.add_argument("--json", help="write the breakdown here")
+    args, passthrough = p.parse_known_args(argv)
+    from solver import Solver
+    c = parse_config(list(passthrough) + ["--device", "cpu", "--num_workers", "0", "--use_tensorboard", "false"])
+    solver = Solver(c)
+    c = solver.runtime.settle_fast_path(c)
+    runtime = solver.runtime
+    generator, critic = networks.build_stage1(runtime, c)
+    g_ema = EMA(generator, c.g_ema) if c.g_ema > 0 else None
+    g_opt = adam(generator.parameters(), c.g_lr, (c.beta1, c.beta2), c, runtime.device)
+    d_opt = adam(critic.parameters(), c.d_lr, (c.beta1, c.beta2), c, runtime.device)
+    x_mixed = random_slices(c.batch_size, c.in_channels, c.image_size, runtime.device, 1)
+    x_healthy = random_slices(c.batch_size, c.in_channels, c.image_size, runtime.device, 2)
+    alpha = torch.rand(c.batch_size, 1, 1, 1, generator=torch.Generator().manual_seed(3))
+    iterations = math.lcm(c.n_critic, c.gp_every)
+
+    def cycle():
+        for i in range(iterations):
+            update = (i + 1) % c.n_critic == 0
+            stage1_training.train_step(runtime, c, generator, critic, g_opt, d_opt, x_mixed, x_healthy, alpha, update,
+                                       c.lambda_id,
+                                       c.lambda_gp * c.gp_every if stage1_training.penalised_step(c, i) else 0.0)
+            if update and g_ema is not None:
+                with torch.profiler.record_function("stage1/ema"):
+                    g_ema.update(generator)
+
+    cycle()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.cycles):
+            cycle()
+    events = prof.key_averages()
+    n_iterations = args.cycles * iterations
+    parts = {e.key: e.cpu_time_total / 1e6 / n_iterations for e in events if e.key.startswith("stage1/")}
+    kinds = {}
+    for e in events:
+        if not e.key.startswith("stage1/"):
+            kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + e.self_cpu_time_total / 1e6 / n_iterations
+    total = sum(kinds.values())
+    print(f"seconds per iteration {total:.3f} ({n_iterations} iterations, fast path {c.fast_path}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()})")
+    print("parts of the step (inclusive seconds per iteration):")
+    for key, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"  {key:<34} {seconds:7.3f}  {100 * seconds / total:5.1f}%")
+    print("operator kinds (self seconds per iteration):")
+    for kind, seconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<34} {seconds:7.3f}  {100 * seconds / total:5.1f}%")
+    top = sorted((e for e in events if not e.key.startswith("stage1/")), key=lambda e: -e.self_cpu_time_total)[:12]
+    print("top operators (self seconds per iteration):")
+    for e in top:
+        print(f"  {e.key:<40} {e.self_cpu_time_total / 1e6 / n_iterations:7.4f}  calls {e.count // args.cycles}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"seconds_per_iteration": total, "fast_path": c.fast_path, "threads": torch.get_num_threads(),
+                       "flags": passthrough, "parts": parts, "operator_kinds": kinds,
+                       "top_operators": {e.key: e.self_cpu_time_total / 1e6 / n_iterations for e in top}}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
