@@ -107,6 +107,9 @@ def build_parser():
                         "as in the reference; identity: the map is atanh(x) - x plus a learned map that starts at 0, "
                         "so x_c = x at iteration 0 (a control run: any AUC it reaches is the generator healing, not "
                         "the tanh head's per-intensity error)")
+    m.add_argument("--g_padding", choices=("zeros", "reflect"), default="zeros",
+                   help="how the generator's convolutions pad the image: zeros (the reference) or reflect (the "
+                        "image's own border, so that the map cannot depend on where the head sits in the frame)")
     m.add_argument("--lambda_gp", type=float, default=10.0, help="weight of the WGAN-GP gradient penalty")
     m.add_argument("--lambda_id", type=float, default=1.0, help="weight of the identity L1 loss on healthy slices")
     m.add_argument("--lambda_id_start", type=float, default=1.0,

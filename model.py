@@ -4,7 +4,7 @@ import torch.nn as nn
 
 # main.py flags that define these networks: a checkpoint's values win, and an explicit conflicting flag is refused.
 ARCHITECTURE_FLAGS = ("image_size", "in_channels", "g_conv_dim", "g_repeat_num", "d_conv_dim", "d_repeat_num",
-                      "map_init")
+                      "map_init", "g_padding")
 IDENTITY_CLAMP = 1 - 1e-6  # atanh is infinite at +-1: the black background (-1) is taken just inside
 
 
@@ -29,33 +29,43 @@ def instance_norm(channels):
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, channels):
+    def __init__(self, channels, padding_mode="zeros"):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), instance_norm(channels), nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), instance_norm(channels))
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False, padding_mode=padding_mode), instance_norm(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False, padding_mode=padding_mode), instance_norm(channels))
 
     def forward(self, x):
         return x + self.body(x)
 
 
 class Generator(nn.Module):
-    """Encoder (2 downsamplings), residual blocks, decoder; outputs an unbounded one-channel additive map."""
+    """Encoder (2 downsamplings), residual blocks, decoder; outputs an unbounded one-channel additive map.
 
-    def __init__(self, in_channels=1, conv_dim=64, repeat_num=6, zero_map=True, identity_map=False):
+    padding_mode "reflect" (--g_padding; CycleGAN's ResNet generator pads so) pads every convolution with the image's
+    own border instead of zeros: a zero border is a value the image never has there, from which the network can
+    read where the frame is, and learn maps that depend on where the head sits in it. The transposed convolutions
+    crop rather than pad, and keep zeros."""
+
+    def __init__(self, in_channels=1, conv_dim=64, repeat_num=6, zero_map=True, identity_map=False,
+                 padding_mode="zeros"):
         super().__init__()
         self.identity_map = identity_map
-        layers = [nn.Conv2d(in_channels, conv_dim, 7, 1, 3, bias=False), instance_norm(conv_dim), nn.ReLU(inplace=True)]
+        pad = padding_mode
+        layers = [nn.Conv2d(in_channels, conv_dim, 7, 1, 3, bias=False, padding_mode=pad), instance_norm(conv_dim),
+                  nn.ReLU(inplace=True)]
         width = conv_dim
         for _ in range(2):
-            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False), instance_norm(width * 2), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False, padding_mode=pad), instance_norm(width * 2),
+                       nn.ReLU(inplace=True)]
             width *= 2
-        layers += [ResidualBlock(width) for _ in range(repeat_num)]
+        layers += [ResidualBlock(width, pad) for _ in range(repeat_num)]
         for _ in range(2):
             layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), instance_norm(width // 2),
                        nn.ReLU(inplace=True)]
             width //= 2
-        layers.append(nn.Conv2d(width, 1, 7, 1, 3, bias=False))
+        layers.append(nn.Conv2d(width, 1, 7, 1, 3, bias=False, padding_mode=pad))
         self.main = nn.Sequential(*layers)
         if zero_map:
             # Start from map = 0, i.e. x_c = tanh(x), a near-identity reconstruction: the default random map

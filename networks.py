@@ -10,9 +10,14 @@ from errors import UserError
 from model import ARCHITECTURE_FLAGS, Discriminator, Generator
 
 
+def stage1_generator(config):
+    """The generator config's architecture flags describe (a config from before --g_padding: zeros)."""
+    return Generator(config.in_channels, config.g_conv_dim, config.g_repeat_num, config.map_init != "default",
+                     config.map_init == "identity", getattr(config, "g_padding", "zeros"))
+
+
 def build_stage1(runtime, config):
-    generator = runtime.prepare(Generator(config.in_channels, config.g_conv_dim, config.g_repeat_num,
-                                          config.map_init != "default", config.map_init == "identity"))
+    generator = runtime.prepare(stage1_generator(config))
     critic = runtime.prepare(Discriminator(config.in_channels, config.d_conv_dim, config.d_repeat_num))
     return generator, critic
 
@@ -60,8 +65,7 @@ def load_generator(runtime, config, iteration):
     config = ckpt.reconciled_config(config, saved["config"], ARCHITECTURE_FLAGS, path)
     # stage 2 and scoring run as the run trained (a checkpoint from before the choice was recorded: resolved here)
     config = runtime.settle_fast_path(config, saved["config"])
-    generator = Generator(config.in_channels, config.g_conv_dim, config.g_repeat_num,
-                          identity_map=config.map_init == "identity")
+    generator = stage1_generator(config)  # the weights replace the init
     generator.load_state_dict(saved["state_dict"])
     return runtime.compiled(runtime.prepare(generator).eval().requires_grad_(False)), config, saved["config"]
 

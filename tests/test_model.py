@@ -63,3 +63,24 @@ def test_zero_map_init_starts_from_tanh_of_the_input():
     generator = Generator(1, 8, 1)  # default: zero map
     assert torch.equal(healthy_reconstruction(x, generator(x)), torch.tanh(x))
     assert generator(x).abs().sum() == 0 and Generator(1, 8, 1, zero_map=False)(x).abs().sum() > 0
+
+
+def test_reflect_padding_keeps_the_map_from_following_where_the_head_sits():
+    # the same head 8 px lower (twice the total stride): a map that only looks at the head moves with it; zero
+    # padding shows the network the frame, and its map changes with the head's distance to it
+    size = 64
+    yy, xx = torch.meshgrid(torch.arange(size * 1.0), torch.arange(size * 1.0), indexing="ij")
+
+    def head(row):
+        return torch.where((yy - row) ** 2 + (xx - size / 2) ** 2 < 100, 0.5, -1.0)[None, None]
+
+    def change_with_position(padding_mode):
+        torch.manual_seed(0)
+        generator = Generator(1, 8, 2, zero_map=False, padding_mode=padding_mode)
+        with torch.no_grad():
+            upper, lower = generator(head(28))[0, 0], generator(head(36))[0, 0]
+        return (lower[8:] - upper[:-8])[10:50].abs().max().item()  # rows away from the frame's edge
+
+    zeros, reflect = change_with_position("zeros"), change_with_position("reflect")
+    assert zeros > 0.3  # the reference's padding: the map depends on the position
+    assert reflect < 0.2 * zeros
