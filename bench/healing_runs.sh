@@ -4,7 +4,8 @@
 # protocol without the refiner (coarse and calibrated). Labels only judge: nothing here steers a run.
 # Then: python bench/healing_speed.py --run RUNS/NAME:BASELINE_AUC ...
 # Usage: bash bench/healing_runs.sh RECIPE COHORT [DATA_ROOT] [RUNS_ROOT]
-#   RECIPE: reference | warmup | ttur | betas | ramp | lazy_gp | stacked   COHORT: a folder under DATA_ROOT
+#   RECIPE: reference | warmup | ttur | betas | ramp | lazy_gp | stacked (all of them) | stacked_gp1 (the penalty on
+#           every step) | stacked_reflect (and --g_padding reflect)   COHORT: a folder under DATA_ROOT
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../setup_env.sh"
 cd "$repo_root"
@@ -25,7 +26,11 @@ case "$recipe" in
   lazy_gp) levers=(--gp_every 4) ;;
   stacked) levers=(--d_warmup 200 --d_lr 6e-4 --beta1 0 --beta2 0.99 --lambda_id_start 1 --lambda_id_ramp 1000
                    --gp_every 4) ;;
-  *) echo "error: unknown recipe $recipe." >&2; echo "Fix: one of reference warmup ttur betas ramp lazy_gp stacked." >&2
+  stacked_gp1) levers=(--d_warmup 200 --d_lr 6e-4 --beta1 0 --beta2 0.99 --lambda_id_start 1 --lambda_id_ramp 1000) ;;
+  stacked_reflect) levers=(--d_warmup 200 --d_lr 6e-4 --beta1 0 --beta2 0.99 --lambda_id_start 1
+                           --lambda_id_ramp 1000 --gp_every 4 --g_padding reflect) ;;
+  *) echo "error: unknown recipe $recipe." >&2
+     echo "Fix: one of reference warmup ttur betas ramp lazy_gp stacked stacked_gp1 stacked_reflect." >&2
      exit 2 ;;
 esac
 run=(--image_dir "$data/$cohort" --run_dir "$runs/heal-$cohort-$recipe" --num_workers 0 --use_tensorboard false)
