@@ -18,8 +18,8 @@ DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path
 WRAPPERS = {"srun", "time", "exec", "env"}  # words that run the command after them
 FLAG = re.compile(r"--[A-Za-z][\w-]*")
 FENCED = re.compile(r"^```[^\n]*\n(.*?)^```", flags=re.S | re.M)
-# bench/benchmark.py hands every flag it does not know to main.py (its --help says so)
-ALSO_MAIN_FLAGS = {"bench/benchmark.py"}
+# bench/benchmark.py and bench/profile_stage1.py hand every flag they do not know to main.py (their --help says so)
+ALSO_MAIN_FLAGS = {"bench/benchmark.py", "bench/profile_stage1.py"}
 
 
 def read(path):
