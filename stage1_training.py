@@ -46,10 +46,11 @@ def identity_weight(config, iteration):
     return c.lambda_id_start + (c.lambda_id - c.lambda_id_start) * ramp
 
 
-def penalised_step(config, iteration):
-    """Lazy regularisation (StyleGAN2): the gradient penalty on every --gp_every-th critic step only, weighted by
-    --gp_every so that its expected pull is the same; the double backward it costs is skipped in between."""
-    return iteration % config.gp_every == 0
+def penalty_weight(config, iteration):
+    """The gradient penalty's weight at `iteration`. Lazy regularisation (StyleGAN2): the penalty on every
+    --gp_every-th critic step only, weighted --gp_every x --lambda_gp so that its mean pull is the same; 0 (its
+    double backward skipped) in between."""
+    return config.lambda_gp * config.gp_every if iteration % config.gp_every == 0 else 0.0
 
 
 def generator_steps(config, iteration):
@@ -280,7 +281,7 @@ def train(runtime, config):
                                                   generator=noise_generator)).to(runtime.device)
         step_losses = train_step(runtime, c, train_generator, train_critic, g_optimizer, d_optimizer,
                                  x_mixed, x_healthy, alpha, update_generator, identity_weight(c, i),
-                                 c.lambda_gp * c.gp_every if penalised_step(c, i) else 0.0)
+                                 penalty_weight(c, i))
         if ranks > 1:  # means over ranks: every rank logs, and stops on a non-finite loss, alike
             step_losses = dict(zip(step_losses, distributed.mean(torch.stack([v.detach().float()
                                                                               for v in step_losses.values()]))))

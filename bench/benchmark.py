@@ -236,7 +236,8 @@ def ours_stage1_train(solver):
     alpha = torch.rand(c.batch_size, 1, 1, 1, generator=torch.Generator().manual_seed(3)).to(solver.runtime.device)
     train_g, train_d = solver.runtime.compiled(generator), solver.runtime.compiled(critic)
 
-    # one unit: a whole cycle of the schedule the training loop runs, G every n_critic-th iteration and, with
+    # one unit: a whole cycle of the schedule the training loop runs after any --d_warmup, G every n_critic-th
+    # iteration and, with
     # --gp_every k (lazy regularisation), the penalty on every k-th at k x its weight
     iterations = math.lcm(c.n_critic, c.gp_every)
 
@@ -244,7 +245,7 @@ def ours_stage1_train(solver):
         for i in range(iterations):
             stage1_training.train_step(solver.runtime, c, g, d, g_opt, d_opt, x_mixed, x_healthy, alpha,
                                        (i + 1) % c.n_critic == 0, c.lambda_id,
-                                       c.lambda_gp * c.gp_every if stage1_training.penalised_step(c, i) else 0.0)
+                                       stage1_training.penalty_weight(c, i))
 
     return lambda: cycle(train_g, train_d), iterations, lambda: cycle(generator, critic)
 

@@ -71,7 +71,7 @@ def main(argv=None):
             update = (i + 1) % c.n_critic == 0
             stage1_training.train_step(runtime, c, generator, critic, g_opt, d_opt, x_mixed, x_healthy, alpha, update,
                                        c.lambda_id,
-                                       c.lambda_gp * c.gp_every if stage1_training.penalised_step(c, i) else 0.0)
+                                       stage1_training.penalty_weight(c, i))
             if update and g_ema is not None:
                 with torch.profiler.record_function("stage1/ema"):
                     g_ema.update(generator)
