@@ -237,8 +237,7 @@ def ours_stage1_train(solver):
     train_g, train_d = solver.runtime.compiled(generator), solver.runtime.compiled(critic)
 
     # one unit: a whole cycle of the schedule the training loop runs after any --d_warmup, G every n_critic-th
-    # iteration and, with
-    # --gp_every k (lazy regularisation), the penalty on every k-th at k x its weight
+    # iteration and, with --gp_every k (lazy regularisation), the penalty on every k-th at k x its weight
     iterations = math.lcm(c.n_critic, c.gp_every)
 
     def cycle(g, d):
