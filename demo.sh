@@ -4,9 +4,8 @@
 #   CSF-fraction baseline -> train stage 1 -> pick the checkpoint by AUCp (no labels) -> train stage 2 on it ->
 #   run the AUCp, inductive and transductive protocols with the refiner on and off -> print the table.
 # Usage: bash demo.sh [--full] [--data NAME] [extra main.py flags]
-#   (none)       the fast CPU recipe: 1,600 iterations that heal Demo and CohortB, not CohortC (docs/experiments.md)
-#   --full       the CPU recipe that heals every cohort measured, given 3,600 iterations (47 min on 2 cores with
-#                bf16 units, docs/experiments.md); with a GPU the GPU recipe runs either way, into runs/Demo-full
+#   --full       the CPU recipe that heals (reference widths, 3,600 iterations; 47 min with --data CohortB on
+#                2 cores with bf16 units, docs/experiments.md); with a GPU the GPU recipe runs either way
 #   --data NAME  the same recipe on your own slices in data/NAME (no cohort is built); outputs runs/NAME-demo
 # With a CUDA GPU the GPU recipe runs (real widths, 128 px); without one the CPU recipe (docs/experiments.md
 # says what each choice costs and buys). Outputs: runs/Demo (runs/Demo-full, runs/NAME-demo).
@@ -50,24 +49,20 @@ if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
   loader=(--num_workers 4)
 else
   # CPU recipe (2 cores): docs/experiments.md, "The CPU recipe", says what each choice costs and buys.
-  # Reference widths at 64 px, started at x_c = x so that what it scores is G's own change (docs/experiments.md,
-  # "Healing speed", measured both recipes on three cohorts).
-  stage1=(--image_size 64 --batch_size 8 --g_lr 2e-4 --lambda_id 10 --g_ema 0.99 --augment_shift 0.06
-          --g_conv_dim 64 --d_conv_dim 64 --g_repeat_num 6 --d_repeat_num 5 --map_init identity
-          --model_save_step 400 --sample_step 400)
+  stage1=(--image_size 64 --batch_size 8 --g_lr 2e-4 --d_lr 2e-4 --lambda_id 10 --g_ema 0.99 --augment_shift 0.06)
   stage2=(--refiner_dim 16 --refiner_dim_mults 1,2,4 --refiner_attn_levels 1 --refiner_heads 4
           --refiner_batch_size 8 --ddim_steps 1)
   loader=(--num_workers 0)
   if $full; then
-    # the recipe that heals on every cohort measured, given 3,200 iterations (Demo; CohortB 2,400, CohortC 600)
-    stage1+=(--d_lr 2e-4 --num_iters 3600)
+    # The healing point of the study at fixed wall-clock (docs/experiments.md): reference widths at 64 px,
+    # started at x_c = x so that what it scores is G's own change; it heals from 2,000-2,800 iterations on.
+    stage1+=(--g_conv_dim 64 --d_conv_dim 64 --g_repeat_num 6 --d_repeat_num 5 --map_init identity
+             --num_iters 3600 --model_save_step 400 --sample_step 400)
     stage2+=(--refiner_iters 1500)
   else
-    # the fast one: the critic trains alone for 200 iterations and 3x faster than G, Adam betas (0, 0.99), the
-    # identity weight rises from 1 to 10 over 1,000 iterations, the penalty every 4th step. It heals Demo by 1,600
-    # iterations and CohortB by 1,000, but not CohortC, which the other recipe heals by 600.
-    stage1+=(--d_lr 6e-4 --beta1 0 --beta2 0.99 --lambda_id_start 1 --lambda_id_ramp 1000 --d_warmup 200
-             --gp_every 4 --num_iters 1600)
+    # The demo's widths: the fastest to train; no point of the study heals within its 15 minutes.
+    stage1+=(--g_conv_dim 32 --d_conv_dim 32 --g_repeat_num 3 --d_repeat_num 4
+             --num_iters 800 --model_save_step 200 --sample_step 200)
     stage2+=(--refiner_iters 500)
   fi
 fi
