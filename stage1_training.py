@@ -133,7 +133,7 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
     lambda_id = c.lambda_id if lambda_id is None else lambda_id
     gp_weight = c.lambda_gp if gp_weight is None else gp_weight
     # =================== Train the critic =================== #
-    # (region(...): named parts of the step for torch.profiler, bench/profile_stage1.py; free when not profiling)
+    # (region(...): named parts of the step for torch.profiler, bench/profile_stage1.py; next to nothing when not profiling)
     with runtime.autocast(), region("stage1/generator forward"):
         if update_generator:
             # This pass's graph also serves the generator step below (the critic step does not change G;
