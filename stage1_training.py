@@ -154,7 +154,7 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
         # penalty's second-order terms, so the one all-reduce averages the whole critic gradient.
         # A compiled critic cannot be differentiated twice either: unwrap also strips torch.compile's wrapper.
         d_loss = d_loss_real + d_loss_fake
-        if gp_weight > 0:
+        if gp_weight != 0:  # (a nan weight too: its loss must come out non-finite)
             with region("stage1/gradient penalty forward"):
                 d_loss_gp = gradient_penalty(distributed.unwrap(critic), x_healthy, fake, alpha)
             d_loss = d_loss + gp_weight * d_loss_gp
@@ -164,7 +164,7 @@ def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_m
     with region("stage1/critic optimiser"):
         d_optimizer.step()
     losses = {"D/loss_real": d_loss_real, "D/loss_fake": d_loss_fake, "D/loss": d_loss}
-    if gp_weight > 0:
+    if gp_weight != 0:
         losses["D/loss_gp"] = d_loss_gp
 
     # =================== Train the generator =================== #
