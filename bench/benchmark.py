@@ -49,6 +49,7 @@ import scoring  # noqa: E402
 import seeds  # noqa: E402
 import stage1_training  # noqa: E402
 import stage2_training  # noqa: E402
+from ema import EMA  # noqa: E402
 from model import Discriminator, Generator  # noqa: E402
 import precision  # noqa: E402
 from speed import adam  # noqa: E402
@@ -226,7 +227,9 @@ def random_slices(n, channels, size, device, seed):
     return x.repeat(1, channels, 1, 1).to(device)  # grayscale copied to `channels` identical channels
 
 
-def ours_stage1_train(solver):
+def ours_stage1_train(solver, with_ema=False):
+    """(step, iterations per step, flop step) of stage-1 training; with_ema also updates the generator's EMA after
+    each G step, as the training loop does (bench/profile_stage1.py profiles it so)."""
     c = solver.config
     generator, critic = networks.build_stage1(solver.runtime, c)
     g_opt = adam(generator.parameters(), c.g_lr, (c.beta1, c.beta2), c, solver.runtime.device)
@@ -235,6 +238,7 @@ def ours_stage1_train(solver):
     x_healthy = random_slices(c.batch_size, c.in_channels, c.image_size, solver.runtime.device, 2)
     alpha = torch.rand(c.batch_size, 1, 1, 1, generator=torch.Generator().manual_seed(3)).to(solver.runtime.device)
     train_g, train_d = solver.runtime.compiled(generator), solver.runtime.compiled(critic)
+    g_ema = EMA(generator, c.g_ema) if with_ema and c.g_ema > 0 else None
 
     # one unit: a whole cycle of the schedule the training loop runs after any --d_warmup, G every n_critic-th
     # iteration and, with --gp_every k (lazy regularisation), the penalty on every k-th at k x its weight
@@ -242,15 +246,17 @@ def ours_stage1_train(solver):
 
     def cycle(g, d):
         for i in range(iterations):
+            update_generator = (i + 1) % c.n_critic == 0
             stage1_training.train_step(solver.runtime, c, g, d, g_opt, d_opt, x_mixed, x_healthy, alpha,
-                                       (i + 1) % c.n_critic == 0, c.lambda_id,
-                                       stage1_training.penalty_weight(c, i))
+                                       update_generator, c.lambda_id, stage1_training.penalty_weight(c, i))
+            if update_generator and g_ema is not None:
+                with torch.profiler.record_function("stage1/ema"):
+                    g_ema.update(generator)
 
     return lambda: cycle(train_g, train_d), iterations, lambda: cycle(generator, critic)
 
 
 def ours_stage2_train(solver):
-    from ema import EMA
     c = solver.config
     generator, _ = networks.build_stage1(solver.runtime, c)
     generator = solver.runtime.compiled(generator.eval().requires_grad_(False))

@@ -1,5 +1,6 @@
-"""Where a stage-1 iteration's time goes: torch.profiler over the training loop's schedule (stage1_training.train_step,
-the EMA update), grouped into the parts of the step and into kinds of operator.
+"""Where a stage-1 iteration's time goes: torch.profiler over bench/benchmark.py's stage-1 workload (one cycle of the
+training loop's schedule of stage1_training.train_step, with the EMA update), grouped into the parts of the step
+and into kinds of operator.
 
     python bench/profile_stage1.py --bf16 on --image_size 64 --batch_size 8 --g_conv_dim 64 --d_conv_dim 64 \
         --g_repeat_num 6 --d_repeat_num 5 --map_init identity --json bench/results/profile.json
@@ -9,7 +10,6 @@ record_function regions of train_step ("stage1/..."); the operator kinds sum the
 Run it on a quiet machine: the shares are only as steady as the machine."""
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -21,12 +21,8 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import networks  # noqa: E402
-import stage1_training  # noqa: E402
-from bench.benchmark import random_slices  # noqa: E402
-from ema import EMA  # noqa: E402
+from bench.benchmark import ours_stage1_train  # noqa: E402
 from main import parse_config  # noqa: E402
-from speed import adam  # noqa: E402
 
 # operator kinds by name: the first pattern found in an operator's name (aten::..., mkldnn::...) names its kind
 KINDS = (("convolution backward", ("convolution_backward", "conv_transpose", "mkldnn_convolution_backward")),
@@ -56,26 +52,7 @@ def main(argv=None):
     c = parse_config(list(passthrough) + ["--device", "cpu", "--num_workers", "0", "--use_tensorboard", "false"])
     solver = Solver(c)
     c = solver.runtime.settle_fast_path(c)
-    runtime = solver.runtime
-    generator, critic = networks.build_stage1(runtime, c)
-    g_ema = EMA(generator, c.g_ema) if c.g_ema > 0 else None
-    g_opt = adam(generator.parameters(), c.g_lr, (c.beta1, c.beta2), c, runtime.device)
-    d_opt = adam(critic.parameters(), c.d_lr, (c.beta1, c.beta2), c, runtime.device)
-    x_mixed = random_slices(c.batch_size, c.in_channels, c.image_size, runtime.device, 1)
-    x_healthy = random_slices(c.batch_size, c.in_channels, c.image_size, runtime.device, 2)
-    alpha = torch.rand(c.batch_size, 1, 1, 1, generator=torch.Generator().manual_seed(3))
-    iterations = math.lcm(c.n_critic, c.gp_every)
-
-    def cycle():
-        for i in range(iterations):
-            update = (i + 1) % c.n_critic == 0
-            stage1_training.train_step(runtime, c, generator, critic, g_opt, d_opt, x_mixed, x_healthy, alpha, update,
-                                       c.lambda_id,
-                                       stage1_training.penalty_weight(c, i))
-            if update and g_ema is not None:
-                with torch.profiler.record_function("stage1/ema"):
-                    g_ema.update(generator)
-
+    cycle, iterations, _ = ours_stage1_train(solver, with_ema=True)
     cycle()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.cycles):
