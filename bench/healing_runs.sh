@@ -17,18 +17,18 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread a process: two runs s
 
 reference=(--image_size 64 --batch_size 8 --g_lr 2e-4 --d_lr 2e-4 --lambda_id 10 --g_ema 0.99 --augment_shift 0.06
            --g_conv_dim 64 --d_conv_dim 64 --g_repeat_num 6 --d_repeat_num 5 --map_init identity)
+warmup=(--d_warmup 200) ttur=(--d_lr 6e-4) betas=(--beta1 0 --beta2 0.99)
+ramp=(--lambda_id_start 1 --lambda_id_ramp 1000) lazy_gp=(--gp_every 4)
 case "$recipe" in
   reference) levers=() ;;
-  warmup) levers=(--d_warmup 200) ;;
-  ttur) levers=(--d_lr 6e-4) ;;
-  betas) levers=(--beta1 0 --beta2 0.99) ;;
-  ramp) levers=(--lambda_id_start 1 --lambda_id_ramp 1000) ;;
-  lazy_gp) levers=(--gp_every 4) ;;
-  stacked) levers=(--d_warmup 200 --d_lr 6e-4 --beta1 0 --beta2 0.99 --lambda_id_start 1 --lambda_id_ramp 1000
-                   --gp_every 4) ;;
-  stacked_gp1) levers=(--d_warmup 200 --d_lr 6e-4 --beta1 0 --beta2 0.99 --lambda_id_start 1 --lambda_id_ramp 1000) ;;
-  stacked_reflect) levers=(--d_warmup 200 --d_lr 6e-4 --beta1 0 --beta2 0.99 --lambda_id_start 1
-                           --lambda_id_ramp 1000 --gp_every 4 --g_padding reflect) ;;
+  warmup) levers=("${warmup[@]}") ;;
+  ttur) levers=("${ttur[@]}") ;;
+  betas) levers=("${betas[@]}") ;;
+  ramp) levers=("${ramp[@]}") ;;
+  lazy_gp) levers=("${lazy_gp[@]}") ;;
+  stacked) levers=("${warmup[@]}" "${ttur[@]}" "${betas[@]}" "${ramp[@]}" "${lazy_gp[@]}") ;;
+  stacked_gp1) levers=("${warmup[@]}" "${ttur[@]}" "${betas[@]}" "${ramp[@]}") ;;
+  stacked_reflect) levers=("${warmup[@]}" "${ttur[@]}" "${betas[@]}" "${ramp[@]}" "${lazy_gp[@]}" --g_padding reflect) ;;
   *) echo "error: unknown recipe $recipe." >&2
      echo "Fix: one of reference warmup ttur betas ramp lazy_gp stacked stacked_gp1 stacked_reflect." >&2
      exit 2 ;;
