@@ -28,7 +28,8 @@ case "$recipe" in
   lazy_gp) levers=("${lazy_gp[@]}") ;;
   stacked) levers=("${warmup[@]}" "${ttur[@]}" "${betas[@]}" "${ramp[@]}" "${lazy_gp[@]}") ;;
   stacked_gp1) levers=("${warmup[@]}" "${ttur[@]}" "${betas[@]}" "${ramp[@]}") ;;
-  stacked_reflect) levers=("${warmup[@]}" "${ttur[@]}" "${betas[@]}" "${ramp[@]}" "${lazy_gp[@]}" --g_padding reflect) ;;
+  stacked_reflect) levers=("${warmup[@]}" "${ttur[@]}" "${betas[@]}" "${ramp[@]}" "${lazy_gp[@]}"
+                   --g_padding reflect) ;;
   *) echo "error: unknown recipe $recipe." >&2
      echo "Fix: one of reference warmup ttur betas ramp lazy_gp stacked stacked_gp1 stacked_reflect." >&2
      exit 2 ;;
