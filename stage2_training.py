@@ -97,8 +97,8 @@ def holdout_check(runtime, config, iteration, generator, refiner, paths, correct
     significantly below the bar's (decisions.refiner_verdict)? The bar is the reconstruction the label-free pick
     chose for this checkpoint (`bar`); without one, the better of x_c and f(x_c) by AUCp. A refiner that learns
     what the GAN gets wrong on healthy brains passes; one that also erases the part of the GAN's residual that
-    tracks disease lowers the error but loses AUCp. The bar is also the
-    `fallback` --refiner auto scores with when the refiner fails. Every rank gets the check."""
+    tracks disease lowers the error but loses AUCp. The bar is also the `fallback` --refiner auto scores with when
+    the refiner fails. Every rank gets the check."""
     if not paths:
         return None
     mixed = data_loader.mixed_set_paths(config.image_dir)
