@@ -35,6 +35,14 @@ def healthy_and_mixed(n=8, size=16):
     return torch.rand(n, 1, size, size, generator=g) * 2 - 1, -torch.rand(n, 1, size, size, generator=g)
 
 
+def assert_sgd_step_along(loss, before, stepped, lr):
+    """Every parameter of `stepped` is its value in `before` minus lr x d loss / d parameter: a plain SGD step on
+    `loss`, computed on `before`."""
+    gradients = torch.autograd.grad(loss, list(before.parameters()))
+    for (name, after), old, gradient in zip(stepped.named_parameters(), before.parameters(), gradients):
+        torch.testing.assert_close(after, old - lr * gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def interpolate_gradient_norms(critic, real, fake, alpha):
     """||d critic(x~) / d x~||_2 per sample on x~ = alpha*real + (1-alpha)*fake, by autograd."""
     mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
@@ -70,9 +78,7 @@ def test_critic_loss_is_real_plus_fake_plus_lambda_times_penalty_and_its_gradien
     torch.testing.assert_close(losses["D/loss_gp"], penalty, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses["D/loss"], expected, rtol=1e-5, atol=1e-6)
     # the step follows the gradient of that whole loss, penalty included
-    gradients = torch.autograd.grad(expected, list(before.parameters()))
-    for (name, stepped), old, gradient in zip(critic.named_parameters(), before.parameters(), gradients):
-        torch.testing.assert_close(stepped, old - lr * gradient, rtol=1e-4, atol=1e-6, msg=name)
+    assert_sgd_step_along(expected, before, critic, lr)
 
 
 def test_critic_gradient_norm_on_interpolates_is_pulled_to_one(one_thread):
