@@ -34,12 +34,13 @@ def run_curve(run_dir):
             [float(r["auc_coarse"]) for r in rows])
 
 
-def recorded_curves(path):
-    """{name: (cohort, iterations, calibrated, coarse)} of the --full reference runs recorded before this study."""
+def recorded_curves(path, cohorts):
+    """{name: (cohort, iterations, calibrated, coarse)} of the --full reference runs recorded before this study, on
+    the cohorts given a baseline."""
     with open(path) as f:
         runs = json.load(f)["runs"]
     return {r["name"]: (r["cohort"], r["iterations"], r["inductive"]["calibrated"], r["inductive"]["coarse"])
-            for r in runs if r["recipe"] == "full" and r["cohort"] != "unseen"}
+            for r in runs if r["recipe"] == "full" and r["cohort"] in cohorts}
 
 
 def key_values(pairs, what):
@@ -63,7 +64,7 @@ def main(argv=None):
     baselines, seconds = key_values(args.baseline, "--baseline"), key_values(args.seconds, "--seconds")
     rows = []
     if args.recorded:
-        for name, (cohort, iterations, calibrated, coarse) in recorded_curves(args.recorded).items():
+        for name, (cohort, iterations, calibrated, coarse) in recorded_curves(args.recorded, baselines).items():
             rows.append({"run": name, "cohort": cohort, "recipe": "reference", "iterations": iterations,
                          "calibrated": calibrated, "coarse": coarse})
     for spec in args.run:
