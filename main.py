@@ -3,12 +3,9 @@ import argparse
 import difflib
 import sys
 
-import decisions
-import distributed
-import metrics
-import precision
-import run_layout
-from errors import EXIT_USER_ERROR, UserError, run_cli
+from brainomaly import decisions, distributed, fast_path_selection, metrics
+from brainomaly.errors import EXIT_USER_ERROR, UserError, run_cli
+from brainomaly.run import run_layout
 from solver import Solver
 
 MODE_ALIASES = {"testAUCInductive": "test_inductive", "testAUCTransductive": "test_transductive",
@@ -231,11 +228,11 @@ def build_parser():
     d.add_argument("--result_dir", type=str, default=None, help="protocol results (default RUN_DIR/results)")
     d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto picks CUDA when present")
     d.add_argument("--num_workers", type=int, default=2, help="DataLoader workers")
-    d.add_argument("--bf16", type=precision.switch, choices=("auto", "on", "off"), default="auto",
+    d.add_argument("--bf16", type=fast_path_selection.switch, choices=("auto", "on", "off"), default="auto",
                    help="bfloat16 autocast of the networks (weights, losses and scores stay fp32). auto: on for "
                         "CUDA; on the CPU a candidate only where it has bf16 matrix units (AMX, AVX512-BF16), "
-                        "kept when a short timed probe of the run's networks finds it faster (precision.py)")
-    d.add_argument("--channels_last", type=precision.switch, choices=("auto", "on", "off"), default="auto",
+                        "kept when a short timed probe of the run's networks finds it faster (fast_path_selection.py)")
+    d.add_argument("--channels_last", type=fast_path_selection.switch, choices=("auto", "on", "off"), default="auto",
                    help="channels_last memory format for the networks (same maths). auto: off for CUDA; on the CPU "
                         "the probe keeps it when it is faster. true/false are accepted for on/off. A resume, stage 2 "
                         "and scoring keep the choice the run made (config.json, 'fast_path') unless forced")

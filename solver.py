@@ -6,18 +6,14 @@ import contextlib
 
 import torch
 
-import data_loader
-import distributed
-import precision
-import protocols
-import run_lock
-import score_folder
-import seeds
-import stage1_training
-import stage2_training
-from checkpoint import replace_config
-from errors import UserError
-from speed import compile_module, keep_freed_memory
+from brainomaly import distributed, fast_path_selection, seeds
+from brainomaly.data import dataset_check
+from brainomaly.errors import UserError
+from brainomaly.evaluate import checkpoint_selection, score_folder
+from brainomaly.fast_path_selection import compile_module, keep_freed_memory
+from brainomaly.run import run_lock
+from brainomaly.run.checkpoint import replace_config
+from brainomaly.train import stage1_gan, stage2_refiner
 
 
 def pick_device(choice):
@@ -41,7 +37,7 @@ class Runtime:
         self.is_main = self.rank == 0
         self.device = pick_device(config.device)
         # until settle_fast_path: what the switches force, auto as plain fp32 NCHW (bf16 on CUDA)
-        bf16, channels_last = precision.switch(config.bf16), precision.switch(config.channels_last)
+        bf16, channels_last = fast_path_selection.switch(config.bf16), fast_path_selection.switch(config.channels_last)
         self.autocast_dtype = torch.bfloat16 if bf16 == "on" or (bf16 == "auto" and self.device.type == "cuda") else None
         self.channels_last = channels_last == "on"
         self.fast_path = None
@@ -51,26 +47,26 @@ class Runtime:
         self.preload_device = self.device if getattr(config, "preload_on_device", False) else None
 
     def settle_fast_path(self, config, saved=None):
-        """Decide bf16 and channels_last once per process (precision.py): take the run's choice from `saved` (a
+        """Decide bf16 and channels_last once per process (fast_path_selection.py): take the run's choice from `saved` (a
         checkpoint's or config.json's config) where it has one, else resolve it (a CPU probe, cached in
         --model_save_dir). Prints the choice and why once; returns config with it as config.fast_path, for
         config.json and the checkpoints. Call it before the networks are built."""
         if self.fast_path is None:
             note = None
             if saved and saved.get("fast_path"):
-                fast_path, note = precision.adopt(config, self.device, saved["fast_path"])
+                fast_path, note = fast_path_selection.adopt(config, self.device, saved["fast_path"])
             elif self.world_size > 1 and self.device.type == "cpu":
                 # rank 0 alone probes (timing ranks that share the cores would disagree); all take its choice
                 fast_path = distributed.broadcast(
-                    precision.resolve(config, self.device, config.model_save_dir) if self.is_main else None)
+                    fast_path_selection.resolve(config, self.device, config.model_save_dir) if self.is_main else None)
             else:
-                fast_path = precision.resolve(config, self.device, config.model_save_dir, writes=self.is_main)
+                fast_path = fast_path_selection.resolve(config, self.device, config.model_save_dir, writes=self.is_main)
             self.fast_path = fast_path
             self.autocast_dtype = torch.bfloat16 if fast_path["bf16"] else None
             self.channels_last = fast_path["channels_last"]
             if note:
                 distributed.main_print(note)
-            distributed.main_print(precision.summary(fast_path))
+            distributed.main_print(fast_path_selection.summary(fast_path))
         return replace_config(config, fast_path=self.fast_path)
 
     def autocast(self):
@@ -111,14 +107,14 @@ class Solver:
         mode, config, runtime = self.config.mode, self.config, self.runtime
         if mode == "train":
             with run_lock.one_trainer(config.run_dir):  # one training job per run folder
-                stage1_training.train(runtime, config)
+                stage1_gan.train(runtime, config)
         elif mode == "train_refiner":
             with run_lock.one_trainer(config.run_dir):
-                stage2_training.train_refiner(runtime, config)
+                stage2_refiner.train_refiner(runtime, config)
         elif mode.startswith("test_"):
-            protocols.test(runtime, config, mode[len("test_"):])
+            checkpoint_selection.test(runtime, config, mode[len("test_"):])
         elif mode == "score":
             score_folder.score_folder(runtime, config)
         elif mode == "check_data":
-            data_loader.check_dataset(config.image_dir, config.batch_size, full=True,
+            dataset_check.check_dataset(config.image_dir, config.batch_size, full=True,
                                       healthy_holdout=config.healthy_holdout, seed=config.seed)

@@ -1,6 +1,8 @@
 """Draws assets/architecture.png (python assets/make_architecture.py)."""
 import os
+
 import matplotlib
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.patches import FancyBboxPatch

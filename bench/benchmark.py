@@ -6,7 +6,7 @@ Every network/width flag of main.py passes through (--g_conv_dim, --d_conv_dim, 
 --refiner_dim, --refiner_dim_mults, --ddim_steps, ...). For each device it measures
 
   ceiling                 a large torch.mm (fp32; bf16 too on CUDA or with --bf16 on): a practical FLOP/s ceiling
-  ours_stage1_train       stage1_training.train_step over one cycle of the training loop's schedule: n_critic
+  ours_stage1_train       stage1_gan.train_step over one cycle of the training loop's schedule: n_critic
                           iterations (the last one also steps G), lcm(n_critic, gp_every) with a lazy penalty
   ours_stage2_train       the stage-2 loop body: frozen G -> x_c, refiner loss, backward, Adam step, EMA update
   ours_score_coarse       scoring.reconstruct at --batch_size under torch.inference_mode (refiner off)
@@ -43,16 +43,20 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from brainomaly import (
+    fast_path_selection,  # noqa: E402
+    seeds,  # noqa: E402
+)
+from brainomaly.evaluate import scoring  # noqa: E402
+from brainomaly.run import networks  # noqa: E402
+from brainomaly.train import (
+    stage1_gan,  # noqa: E402
+    stage2_refiner,  # noqa: E402
+)
+from brainomaly.train.ema import EMA  # noqa: E402
+from brainomaly.train.training_loop import adam  # noqa: E402
 from main import parse_config, str2bool  # noqa: E402
-import networks  # noqa: E402
-import scoring  # noqa: E402
-import seeds  # noqa: E402
-import stage1_training  # noqa: E402
-import stage2_training  # noqa: E402
-from ema import EMA  # noqa: E402
 from model import Discriminator, Generator  # noqa: E402
-import precision  # noqa: E402
-from speed import adam  # noqa: E402
 
 WORKLOADS = ("ours_stage1_train", "ours_stage2_train", "ours_score_coarse", "ours_score_refined",
              "reference_stage1_train", "reference_score_batch1", "reference_score_batched")
@@ -127,7 +131,7 @@ def build_parser():
     p.add_argument("--out", default="bench.json", help="JSON file to write")
     p.add_argument("--repeats", type=int, default=5, help="timed units per workload (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed units before timing (use >= 1 with --compile)")
-    p.add_argument("--channels_last", type=precision.switch, nargs="?", const="on", default="auto",
+    p.add_argument("--channels_last", type=fast_path_selection.switch, nargs="?", const="on", default="auto",
                    help="channels_last networks for OUR workloads (the reference never uses it): auto (as main.py: "
                         "the probe decides on the CPU), on or off; with --bf16 auto/on/off this picks the mode: "
                         "fp32 NCHW = --bf16 off --channels_last off, channels_last = --bf16 off --channels_last on, "
@@ -247,8 +251,8 @@ def ours_stage1_train(solver, with_ema=False):
     def cycle(g, d):
         for i in range(iterations):
             update_generator = (i + 1) % c.n_critic == 0
-            stage1_training.train_step(solver.runtime, c, g, d, g_opt, d_opt, x_mixed, x_healthy, alpha,
-                                       update_generator, c.lambda_id, stage1_training.penalty_weight(c, i))
+            stage1_gan.train_step(solver.runtime, c, g, d, g_opt, d_opt, x_mixed, x_healthy, alpha,
+                                       update_generator, c.lambda_id, stage1_gan.penalty_weight(c, i))
             if update_generator and g_ema is not None:
                 with torch.profiler.record_function("stage1/ema"):
                     g_ema.update(generator)
@@ -268,7 +272,7 @@ def ours_stage2_train(solver):
     x = random_slices(c.batch_size, c.in_channels, c.image_size, solver.runtime.device, 4)
 
     def step(model):
-        stage2_training.refiner_step(solver.runtime, generator, model, optimizer, x, noise_generator)
+        stage2_refiner.refiner_step(solver.runtime, generator, model, optimizer, x, noise_generator)
         ema.update(diffusion)
 
     return lambda: step(train_diffusion), 1, lambda: step(diffusion)
@@ -466,7 +470,7 @@ def machine_info():
     except OSError:
         pass
     info = {"cpu_model": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_bf16_units": precision.cpu_bf16_units(), "cpu_cores": os.cpu_count(),
+            "cpu_bf16_units": fast_path_selection.cpu_bf16_units(), "cpu_cores": os.cpu_count(),
             "cpu_cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "torch_threads": torch.get_num_threads(), "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
             "torch_version": torch.__version__,
@@ -481,13 +485,13 @@ def machine_info():
 def resolve_fast_path(args, passthrough, device):
     """The fast path OUR workloads run with on `device`: --bf16 / --channels_last resolved as main.py resolves them
     (auto: the probe at these sizes, not cached), once here, then forced in every worker."""
-    return precision.resolve(solver_config(args, passthrough, device), torch.device(device))
+    return fast_path_selection.resolve(solver_config(args, passthrough, device), torch.device(device))
 
 
 def measure_device(device, args, argv, passthrough=()):
     dev = torch.device(device)
     fast_path = resolve_fast_path(args, passthrough, device)
-    print(f"[{device}] {precision.summary(fast_path)}", file=sys.stderr, flush=True)
+    print(f"[{device}] {fast_path_selection.summary(fast_path)}", file=sys.stderr, flush=True)
     argv = [*argv, "--bf16", "on" if fast_path["bf16"] else "off",
             "--channels_last", "on" if fast_path["channels_last"] else "off"]
     names = [w for w in (args.workloads or WORKLOADS) if not (args.skip_reference and w in REFERENCE_WORKLOADS)]
@@ -544,7 +548,7 @@ def print_table(report):
     for device, result in report["results"].items():
         ceil = ", ".join(f"{k} {v['flops_per_s'] / 1e9:.1f} GFLOP/s" for k, v in result["ceiling"].items())
         print(f"\n[{device}] matmul ceiling: {ceil}")
-        print(f"[{device}] {precision.summary(result['fast_path'])}")
+        print(f"[{device}] {fast_path_selection.summary(result['fast_path'])}")
         header = f"{'workload':<24} {'rate':>10} {'unit':<8} {'ms/unit':>9} {'GFLOP/unit':>10} " \
                  f"{'GFLOP/s':>8} {'% ceil':>7} {'precision':<13} {'peak MiB':>9} {'+MiB':>7}"
         print(header)

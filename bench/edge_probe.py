@@ -18,11 +18,12 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
-import checkpoint as ckpt  # noqa: E402
-import data_loader  # noqa: E402
-from metrics import HEAD_LEVEL  # noqa: E402
+import data_loader
+from brainomaly.data import slice_files  # noqa: E402
+from brainomaly.metrics import HEAD_LEVEL  # noqa: E402
+from brainomaly.run import checkpoint as ckpt  # noqa: E402
+from brainomaly.run.networks import stage1_generator  # noqa: E402
 from model import healthy_reconstruction  # noqa: E402
-from networks import stage1_generator  # noqa: E402
 
 EDGE_ROWS = 4
 
@@ -53,7 +54,7 @@ def main(argv=None):
     generator = stage1_generator(config).eval()
     generator.load_state_dict(saved["state_dict"])
     paths = sorted(glob.glob(os.path.join(args.data_dir, "test", "neg", "*.png")))
-    x = torch.stack([data_loader.load_slice(path, config.image_size) for path in paths])
+    x = torch.stack([slice_files.load_slice(path, config.image_size) for path in paths])
     rows = []
     for shift in sorted({s * sign for s in args.shifts for sign in (1, -1)}):
         moved = data_loader.shifted(x, [(shift, 0)] * len(x), max(abs(s) for s in args.shifts))

@@ -29,8 +29,8 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import decisions  # noqa: E402
-import run_layout  # noqa: E402
+from brainomaly import decisions  # noqa: E402
+from brainomaly.run import run_layout  # noqa: E402
 
 WITHIN = 0.02  # regret counted as "as good as the best"
 ENSEMBLE_LAST = 3  # checkpoints averaged by the checkpoint-ensemble rule

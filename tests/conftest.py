@@ -7,7 +7,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_loader import save_slice_png, slice_filename  # noqa: E402
+from brainomaly.data.dataset_layout import slice_filename
+from brainomaly.data.slice_files import save_slice_png  # noqa: E402
 
 # Tiny networks so a whole train/test cycle takes seconds on a 2-core CPU.
 TINY_FLAGS = ["--image_size", "32", "--g_conv_dim", "8", "--d_conv_dim", "8", "--g_repeat_num", "1",

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-import preprocessing
+from brainomaly.data import preprocessing
 
 SHELL_MM = ((0.0, 3.0, 0.15), (3.0, 7.0, 0.05), (7.0, 12.0, 0.95))  # (from, to mm outside the brain, intensity)
 

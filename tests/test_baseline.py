@@ -5,9 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from baseline import baseline_protocol_aucs, csf_fraction, main, patient_scores
-from data_loader import save_slice_png, slice_filename
-from errors import UserError
+from brainomaly.data.dataset_layout import slice_filename
+from brainomaly.data.slice_files import save_slice_png
+from brainomaly.errors import UserError
+from brainomaly.evaluate.baseline import baseline_protocol_aucs, csf_fraction, main, patient_scores
 
 
 def head_slice(dark_pixels, dark_value=0.1):

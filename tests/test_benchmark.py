@@ -61,7 +61,7 @@ def test_transposed_conv_counts_input_pixels():
 
 def test_gradient_penalty_step_is_countable():
     # FlopCounterMode's stock module tracker breaks torch.autograd.grad; count_flops must not
-    from stage1_training import gradient_penalty
+    from brainomaly.train.stage1_gan import gradient_penalty
     from model import Discriminator
     critic = Discriminator(1, 4, 2)
     real, fake = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)

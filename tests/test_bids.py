@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import prepare_data
-from make_cohort import make_cohort
+from brainomaly.data import dataset_layout, layout_staging, prepare_command
+from brainomaly.data.synthetic_cohort import make_cohort
 
 pytest.importorskip("bids", reason="pybids is an optional extra (requirements-preprocess.txt); CI installs it")
 
@@ -68,8 +68,8 @@ def patients(folder):
 def test_rules_put_each_subject_in_its_folder_and_split_csv_says_where(bids_root, tmp_path, capsys):
     root, subjects = bids_root
     out = tmp_path / "data"
-    assert prepare_data.main(["bids", "--root", str(root), "--out", str(out), *RULES, "--image_size", "32"]) == 0
-    for folder in prepare_data.LAYOUT_FOLDERS:
+    assert prepare_command.main(["bids", "--root", str(root), "--out", str(out), *RULES, "--image_size", "32"]) == 0
+    for folder in dataset_layout.LAYOUT_FOLDERS:
         assert patients(out / folder) == sorted(p for p, (f, _) in subjects.items() if f == folder), folder
     with open(out / "split.csv") as handle:
         split = {row["participant_id"]: row for row in csv.DictReader(handle)}
@@ -87,14 +87,14 @@ def test_rules_put_each_subject_in_its_folder_and_split_csv_says_where(bids_root
 
 def sources(out):
     """{patient id: the scan its slices were made from} from the manifest."""
-    with open(out / prepare_data.MANIFEST_NAME) as handle:
+    with open(out / layout_staging.MANIFEST_NAME) as handle:
         return {row["patient_id"]: row["source"] for row in csv.DictReader(handle)}
 
 
 def test_session_flag_picks_that_session_and_subjects_without_sessions_keep_theirs(bids_root, tmp_path):
     root, subjects = bids_root
     out = tmp_path / "data"
-    assert prepare_data.main(["bids", "--root", str(root), "--out", str(out), *RULES, "--image_size", "32",
+    assert prepare_command.main(["bids", "--root", str(root), "--out", str(out), *RULES, "--image_size", "32",
                               "--session", "02"]) == 0
     used = sources(out)
     assert used[TWO_SESSIONS] == str(root / TWO_SESSIONS / "ses-02" / "anat" / f"{TWO_SESSIONS}_ses-02_T1w.nii.gz")
@@ -129,7 +129,7 @@ def test_bad_bids_input_is_one_message_exit_2_and_nothing_written(bids_root, tmp
         rules[1] = f"cohort == 'ref' or participant_id == '{diseased}'"
         rules[3] = f"cohort == 'pool' and participant_id != '{diseased}'"
     out = tmp_path / "data"
-    code = prepare_data.main(["bids", "--root", str(root), "--out", str(out), *rules, "--image_size", "32"])
+    code = prepare_command.main(["bids", "--root", str(root), "--out", str(out), *rules, "--image_size", "32"])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and "Traceback" not in err

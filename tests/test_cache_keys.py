@@ -4,8 +4,9 @@ import json
 import os
 import shutil
 
-import main
 from conftest import TINY_FLAGS
+
+import main
 
 
 def train(root, run_dir, *extra):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_loader import patient_id
-from errors import UserError
-from make_cohort import FOLDERS, ScannerModel, load_template, make_cohort, render_subject
+from brainomaly.data.dataset_layout import patient_id
+from brainomaly.data.synthetic_cohort import FOLDERS, ScannerModel, load_template, make_cohort, render_subject
+from brainomaly.errors import UserError
 
 TINY = dict(mixed=4, disease_share=0.5, healthy=2, test_pos=1, test_neg=1, image_size=32, n_slices=2,
             severity=(0.6, 0.9), progress=False)

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
-import main
 from conftest import TINY_FLAGS, write_toy_dataset
 from test_protocols import REPO, run
+
+import main
 
 
 def test_a_mistyped_or_shortened_flag_is_refused_in_a_few_lines_naming_the_closest_flags(capsys):

@@ -5,8 +5,8 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-import decisions
-from decisions import Candidate, PairedBootstrap
+from brainomaly import decisions
+from brainomaly.decisions import Candidate, PairedBootstrap
 
 
 def test_the_bootstrap_point_auc_is_scikit_learns_roc_auc_ties_included():

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from brainomaly.train.ema import EMA  # noqa: E402
 from diffusion_refiner import RefinerUNet, ResidualDiffusion, cosine_beta_schedule  # noqa: E402
-from ema import EMA  # noqa: E402
 
 T = 1000
 

@@ -9,11 +9,12 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_FLAGS, write_toy_dataset
+from test_real_world_failures import small_disk  # noqa: F401 (a fixture)
 
 import data_loader
 import main
-from conftest import TINY_FLAGS, write_toy_dataset
-from test_real_world_failures import small_disk  # noqa: F401 (a fixture)
+from brainomaly.data import dataset_layout
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,7 +29,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def healthy_paths(tmp_path_factory):
     root = write_toy_dataset(str(tmp_path_factory.mktemp("data") / "Toy"))
-    return data_loader.require_images(root, data_loader.HEALTHY_FOLDER)  # 18 slices
+    return dataset_layout.require_images(root, dataset_layout.HEALTHY_FOLDER)  # 18 slices
 
 
 def take(stream, steps):

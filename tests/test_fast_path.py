@@ -1,4 +1,4 @@
-"""--bf16 / --channels_last auto (precision.py): bf16 is a CPU candidate only with bf16 matrix units, the probe
+"""--bf16 / --channels_last auto (fast_path_selection.py): bf16 is a CPU candidate only with bf16 matrix units, the probe
 picks the fastest candidate but never one no faster than fp32 NCHW, the choice is cached, recorded in config.json
 and kept on resume, in stage 2 and in scoring; every mode computes the fp32 maths within a stated tolerance.
 This CPU may lack AMX: each branch of the hardware query and of the probe is forced here."""
@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
+from conftest import TINY_FLAGS
+from test_real_world_failures import small_disk  # noqa: F401 (a fixture)
 
 import main
-import precision
-import stage1_training
-from conftest import TINY_FLAGS
-from errors import UserError
-from test_real_world_failures import small_disk  # noqa: F401 (a fixture)
+from brainomaly import fast_path_selection
+from brainomaly.errors import UserError
+from brainomaly.train import stage1_gan
 
 AUTO = ["--bf16", "auto", "--channels_last", "auto"]
 PLAIN, CHANNELS_LAST, BF16, BF16_CHANNELS_LAST = (False, False), (False, True), (True, False), (True, True)
@@ -21,7 +21,7 @@ PLAIN, CHANNELS_LAST, BF16, BF16_CHANNELS_LAST = (False, False), (False, True), 
 
 def fake_probe(seconds_by_mode, calls):
     """A probe_seconds stand-in: records the candidates it was asked about and returns the given timings."""
-    def probe(config, device, modes, rounds=precision.PROBE_ROUNDS):
+    def probe(config, device, modes, rounds=fast_path_selection.PROBE_ROUNDS):
         calls.append(list(modes))
         return {mode: seconds_by_mode[mode] for mode in modes}
     return probe
@@ -42,7 +42,7 @@ def test_channels_last_keeps_true_false_as_on_off_and_refuses_other_words(capsys
     assert config("--channels_last", "true").channels_last == "on"
     assert config("--channels_last", "False").channels_last == "off"
     assert config("--channels_last", "auto", "--bf16", "auto").channels_last == "auto"
-    assert precision.switch(True) == "on" and precision.switch(False) == "off"  # an old config.json's booleans
+    assert fast_path_selection.switch(True) == "on" and fast_path_selection.switch(False) == "off"  # an old config.json's booleans
     with pytest.raises(SystemExit) as exit_info:
         config("--channels_last", "fast")
     assert exit_info.value.code == 2
@@ -64,33 +64,33 @@ def test_auto_is_the_default():
 def test_bf16_is_a_cpu_candidate_only_with_bf16_matrix_units(monkeypatch, amx, avx512_bf16, expected):
     with_bf16_units(monkeypatch, amx, avx512_bf16)
     calls = []
-    monkeypatch.setattr(precision, "probe_seconds", fake_probe(
+    monkeypatch.setattr(fast_path_selection, "probe_seconds", fake_probe(
         {PLAIN: 1.0, CHANNELS_LAST: 0.8, BF16: 0.5, BF16_CHANNELS_LAST: 0.3}, calls))
-    chosen = precision.resolve(config(*AUTO), torch.device("cpu"))
+    chosen = fast_path_selection.resolve(config(*AUTO), torch.device("cpu"))
     assert calls == [expected]
     assert (chosen["bf16"], chosen["channels_last"]) == expected[-1]  # the fastest of what was probed
-    assert chosen["probe_seconds"] == {precision.mode_name(*m): s for m, s in
+    assert chosen["probe_seconds"] == {fast_path_selection.mode_name(*m): s for m, s in
                                        zip(expected, [1.0, 0.8, 0.5, 0.3])}
 
 
 def test_forced_switches_narrow_the_probe_and_two_forced_switches_skip_it(monkeypatch):
     with_bf16_units(monkeypatch, amx=True)
     calls = []
-    monkeypatch.setattr(precision, "probe_seconds", fake_probe(
+    monkeypatch.setattr(fast_path_selection, "probe_seconds", fake_probe(
         {PLAIN: 1.0, CHANNELS_LAST: 0.8, BF16: 0.5, BF16_CHANNELS_LAST: 0.3}, calls))
     cpu = torch.device("cpu")
-    assert precision.resolve(config("--bf16", "off", "--channels_last", "auto"), cpu)["channels_last"] is True
-    assert precision.resolve(config("--bf16", "auto", "--channels_last", "off"), cpu)["bf16"] is True
+    assert fast_path_selection.resolve(config("--bf16", "off", "--channels_last", "auto"), cpu)["channels_last"] is True
+    assert fast_path_selection.resolve(config("--bf16", "auto", "--channels_last", "off"), cpu)["bf16"] is True
     assert calls == [[PLAIN, CHANNELS_LAST], [PLAIN, BF16]]
-    forced = precision.resolve(config("--bf16", "on", "--channels_last", "off"), cpu)
+    forced = fast_path_selection.resolve(config("--bf16", "on", "--channels_last", "off"), cpu)
     assert (forced["bf16"], forced["channels_last"], forced["probe_seconds"]) == (True, False, None)
     assert len(calls) == 2  # no probe
 
 
 def test_cuda_auto_is_bf16_on_channels_last_off_without_a_probe(monkeypatch):
-    monkeypatch.setattr(precision, "machine", lambda device: {"device": "cuda", "gpu": "H200", "torch": "x"})
-    monkeypatch.setattr(precision, "probe_seconds", lambda *a, **k: pytest.fail("probed on CUDA"))
-    chosen = precision.resolve(config(*AUTO), torch.device("cuda"))
+    monkeypatch.setattr(fast_path_selection, "machine", lambda device: {"device": "cuda", "gpu": "H200", "torch": "x"})
+    monkeypatch.setattr(fast_path_selection, "probe_seconds", lambda *a, **k: pytest.fail("probed on CUDA"))
+    chosen = fast_path_selection.resolve(config(*AUTO), torch.device("cuda"))
     assert (chosen["bf16"], chosen["channels_last"]) == (True, False)
 
 
@@ -103,57 +103,57 @@ def test_cuda_auto_is_bf16_on_channels_last_off_without_a_probe(monkeypatch):
     ({BF16: 0.50, BF16_CHANNELS_LAST: 0.49}, BF16_CHANNELS_LAST),  # --bf16 on: fp32 NCHW not a candidate
 ])
 def test_the_probe_never_picks_a_path_no_faster_than_fp32_nchw(seconds, expected):
-    assert precision.pick(seconds) == expected
+    assert fast_path_selection.pick(seconds) == expected
 
 
 def test_the_probe_is_cached_per_machine_and_sizes_in_the_models_folder(monkeypatch, tmp_path):
     with_bf16_units(monkeypatch, amx=False)
     calls = []
-    monkeypatch.setattr(precision, "probe_seconds", fake_probe({PLAIN: 1.0, CHANNELS_LAST: 0.5}, calls))
+    monkeypatch.setattr(fast_path_selection, "probe_seconds", fake_probe({PLAIN: 1.0, CHANNELS_LAST: 0.5}, calls))
     cpu, folder = torch.device("cpu"), str(tmp_path / "models")
-    first = precision.resolve(config(*AUTO), cpu, folder)
-    again = precision.resolve(config(*AUTO), cpu, folder)
+    first = fast_path_selection.resolve(config(*AUTO), cpu, folder)
+    again = fast_path_selection.resolve(config(*AUTO), cpu, folder)
     assert len(calls) == 1 and again["channels_last"] is True and "cached probe" in again["reason"]
     assert "probe of" in first["reason"] and "cached" not in first["reason"]
-    with open(os.path.join(folder, precision.PROBE_FILE)) as f:
+    with open(os.path.join(folder, fast_path_selection.PROBE_FILE)) as f:
         (key,) = json.load(f)
-    assert json.loads(key)["machine"]["cpu_model"] == precision.cpu_model()
+    assert json.loads(key)["machine"]["cpu_model"] == fast_path_selection.cpu_model()
     assert json.loads(key)["sizes"]["image_size"] == 32
-    precision.resolve(config(*AUTO, "--image_size", "16"), cpu, folder)  # other sizes: probed again
+    fast_path_selection.resolve(config(*AUTO, "--image_size", "16"), cpu, folder)  # other sizes: probed again
     monkeypatch.setattr(torch, "get_num_threads", lambda: 97)  # another machine (thread count) too
-    precision.resolve(config(*AUTO), cpu, folder)
+    fast_path_selection.resolve(config(*AUTO), cpu, folder)
     assert len(calls) == 3
 
 
 def test_the_real_probe_times_every_candidate_and_leaves_the_random_state_alone():
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    seconds = precision.probe_seconds(config(*AUTO, "--image_size", "16"), torch.device("cpu"),
+    seconds = fast_path_selection.probe_seconds(config(*AUTO, "--image_size", "16"), torch.device("cpu"),
                                       [PLAIN, CHANNELS_LAST], rounds=1)
     assert set(seconds) == {PLAIN, CHANNELS_LAST} and all(0 < s < 60 for s in seconds.values())
     assert torch.equal(torch.get_rng_state(), before)  # a probed run draws the weights a cached one draws
 
 
 def test_a_probe_cache_that_cannot_be_written_is_one_message_and_leaves_no_torn_file(monkeypatch, small_disk):
-    monkeypatch.setattr(precision, "probe_seconds", fake_probe({PLAIN: 1.0, CHANNELS_LAST: 0.5}, []))
+    monkeypatch.setattr(fast_path_selection, "probe_seconds", fake_probe({PLAIN: 1.0, CHANNELS_LAST: 0.5}, []))
     with open(os.path.join(small_disk, "filler"), "wb") as f:  # the whole disk
         with pytest.raises(OSError):
             while True:
                 f.write(b"\0" * 65536)
                 f.flush()
-    with pytest.raises(UserError, match=precision.PROBE_FILE):
-        precision.probe_cached(config(*AUTO), torch.device("cpu"), [PLAIN, CHANNELS_LAST], small_disk, writes=True)
+    with pytest.raises(UserError, match=fast_path_selection.PROBE_FILE):
+        fast_path_selection.probe_cached(config(*AUTO), torch.device("cpu"), [PLAIN, CHANNELS_LAST], small_disk, writes=True)
     assert sorted(os.listdir(small_disk)) == ["filler"]
 
 
 def test_the_probe_times_the_networks_the_run_trains(monkeypatch):
     timed = []
-    real_step = stage1_training.train_step
-    monkeypatch.setattr(stage1_training, "train_step",
+    real_step = stage1_gan.train_step
+    monkeypatch.setattr(stage1_gan, "train_step",
                         lambda runtime, c, generator, *rest: timed.append(generator) or real_step(runtime, c, generator,
                                                                                                   *rest))
     probe = config(*AUTO, "--image_size", "16", "--map_init", "identity")
-    precision.probe_seconds(probe, torch.device("cpu"), [PLAIN], rounds=1)
+    fast_path_selection.probe_seconds(probe, torch.device("cpu"), [PLAIN], rounds=1)
     # the run's generator, identity-initialised (x_c = x at iteration 0), not a zero-map one of the same widths
     assert timed and all(g.identity_map for g in timed)
 
@@ -169,7 +169,7 @@ def test_the_auto_choice_is_recorded_and_kept_on_resume_in_stage_2_and_in_scorin
                                                                                    monkeypatch, capsys):
     with_bf16_units(monkeypatch, amx=False)
     calls = []
-    monkeypatch.setattr(precision, "probe_seconds", fake_probe({PLAIN: 1.0, CHANNELS_LAST: 0.5}, calls))
+    monkeypatch.setattr(fast_path_selection, "probe_seconds", fake_probe({PLAIN: 1.0, CHANNELS_LAST: 0.5}, calls))
     run_dir = str(tmp_path / "run")
     assert train(toy_dataset, run_dir, "--num_iters", "2") == 0
     out = capsys.readouterr().out
@@ -177,12 +177,12 @@ def test_the_auto_choice_is_recorded_and_kept_on_resume_in_stage_2_and_in_scorin
     with open(os.path.join(run_dir, "models", "config.json")) as f:
         recorded = json.load(f)["fast_path"]
     assert (recorded["bf16"], recorded["channels_last"], recorded["channels_last_flag"]) == (False, True, "auto")
-    assert recorded["machine"]["cpu_model"] == precision.cpu_model()
+    assert recorded["machine"]["cpu_model"] == fast_path_selection.cpu_model()
     saved = torch.load(os.path.join(run_dir, "models", "2-G.ckpt"), weights_only=True)["config"]["fast_path"]
     assert saved["channels_last"] is True
 
     # the machine now finds NCHW faster: a resume still trains as the run chose, without probing
-    monkeypatch.setattr(precision, "probe_seconds", fake_probe({PLAIN: 0.1, CHANNELS_LAST: 0.5}, calls))
+    monkeypatch.setattr(fast_path_selection, "probe_seconds", fake_probe({PLAIN: 0.1, CHANNELS_LAST: 0.5}, calls))
     assert train(toy_dataset, run_dir, "--num_iters", "4", "--resume_iters", "latest") == 0
     out = capsys.readouterr().out
     assert "Fast path: fp32 channels_last (the run's choice: no bf16" in out and "was chosen on" not in out
@@ -196,8 +196,8 @@ def test_the_auto_choice_is_recorded_and_kept_on_resume_in_stage_2_and_in_scorin
     assert refiner["channels_last"] is True
 
     # a flag still wins; and on another CPU the run says so in one line
-    this_cpu = precision.cpu_model()
-    monkeypatch.setattr(precision, "cpu_model", lambda: "Another CPU 9000")
+    this_cpu = fast_path_selection.cpu_model()
+    monkeypatch.setattr(fast_path_selection, "cpu_model", lambda: "Another CPU 9000")
     assert main.main(["--mode", "test_inductive", *test, "--test_iters", "4", "--channels_last", "off"]) == 0
     out = capsys.readouterr().out
     assert "Fast path: fp32 NCHW (the run's choice: " in out and "now --channels_last off" in out
@@ -209,14 +209,14 @@ def test_the_auto_choice_is_recorded_and_kept_on_resume_in_stage_2_and_in_scorin
 def test_a_bf16_choice_is_dropped_on_a_cpu_without_bf16_units_and_kept_where_it_has_them(monkeypatch):
     cpu = torch.device("cpu")
     with_bf16_units(monkeypatch, amx=True)
-    chosen_on_amx = precision.resolve(config("--bf16", "on", "--channels_last", "on"), cpu)
-    kept, note = precision.adopt(config(*AUTO), cpu, chosen_on_amx)
+    chosen_on_amx = fast_path_selection.resolve(config("--bf16", "on", "--channels_last", "on"), cpu)
+    kept, note = fast_path_selection.adopt(config(*AUTO), cpu, chosen_on_amx)
     assert (kept["bf16"], kept["channels_last"], note) == (True, True, None)  # same machine: silent
     with_bf16_units(monkeypatch, amx=False)
-    moved, note = precision.adopt(config(*AUTO), cpu, chosen_on_amx)
+    moved, note = fast_path_selection.adopt(config(*AUTO), cpu, chosen_on_amx)
     assert (moved["bf16"], moved["channels_last"]) == (False, True)
     assert "AMX" in note and "no bf16 matrix units, so bf16 is off here (--bf16 on forces it)" in note
-    forced, _ = precision.adopt(config("--bf16", "on", "--channels_last", "auto"), cpu, chosen_on_amx)
+    forced, _ = fast_path_selection.adopt(config("--bf16", "on", "--channels_last", "auto"), cpu, chosen_on_amx)
     assert forced["bf16"] is True
 
 
@@ -227,10 +227,10 @@ ITERATIONS = 4  # two critic-only and two critic+generator iterations
 
 def stage1_steps(*flags):
     """(losses per iteration, initial weights, final weights, optimiser states) of train_step on fixed batches."""
-    from networks import build_stage1
+    from brainomaly.run.networks import build_stage1
+    from brainomaly.train.stage1_gan import train_step
+    from brainomaly.train.training_loop import adam
     from solver import Solver
-    from speed import adam
-    from stage1_training import train_step
     solver = Solver(config(*flags))
     c, runtime = solver.config, solver.runtime
     c = runtime.settle_fast_path(c)
@@ -307,9 +307,8 @@ def scoring_inputs():
 
 
 def score_in_mode(scoring_inputs, bf16, channels_last):
-    import networks
-    import scoring
-    import scoring_networks
+    from brainomaly.evaluate import scoring, scoring_networks
+    from brainomaly.run import networks
     from solver import Solver
     g_state, r_state, x = scoring_inputs
     solver = Solver(config("--bf16", bf16, "--channels_last", channels_last))

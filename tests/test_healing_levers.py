@@ -4,17 +4,17 @@ import copy
 import os
 
 import torch
-
-import checkpoint as ckpt
-import main
-import seeds
-import stage1_training
 from conftest import TINY_FLAGS
-from model import healthy_reconstruction
-from networks import build_stage1
-from solver import Runtime
-from stage1_training import identity_weight, train_step
 from test_method_contracts import assert_sgd_step_along, healthy_and_mixed, stage1_networks
+
+import main
+from brainomaly import seeds
+from brainomaly.run import checkpoint as ckpt
+from brainomaly.run.networks import build_stage1
+from brainomaly.train import stage1_gan
+from brainomaly.train.stage1_gan import identity_weight, train_step
+from model import healthy_reconstruction
+from solver import Runtime
 
 
 def test_identity_weight_rises_linearly_from_its_start_to_lambda_id():
@@ -65,7 +65,7 @@ def train(toy_dataset, run_dir, *flags):
 
 def test_the_loop_schedules_the_warmup_the_ramp_and_the_lazy_penalty(toy_dataset, tmp_path, monkeypatch, one_thread):
     calls, penalties = [], []
-    real_step, real_penalty = stage1_training.train_step, stage1_training.gradient_penalty
+    real_step, real_penalty = stage1_gan.train_step, stage1_gan.gradient_penalty
 
     def recording_step(*args, **kwargs):
         # positional: runtime, config, G, D, optimisers, batches, alpha, update_generator, lambda_id, gp_weight
@@ -76,8 +76,8 @@ def test_the_loop_schedules_the_warmup_the_ramp_and_the_lazy_penalty(toy_dataset
         penalties.append(len(calls) - 1)  # the iteration it is computed in
         return real_penalty(*args)
 
-    monkeypatch.setattr(stage1_training, "train_step", recording_step)
-    monkeypatch.setattr(stage1_training, "gradient_penalty", counted_penalty)
+    monkeypatch.setattr(stage1_gan, "train_step", recording_step)
+    monkeypatch.setattr(stage1_gan, "gradient_penalty", counted_penalty)
     train(toy_dataset, str(tmp_path / "run"), "--num_iters", "12", "--model_save_step", "12", "--sample_step", "12",
           "--d_warmup", "5", "--n_critic", "2", "--gp_every", "3", "--lambda_gp", "10",
           "--lambda_id", "10", "--lambda_id_start", "2", "--lambda_id_ramp", "8")

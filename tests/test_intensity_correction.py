@@ -4,23 +4,19 @@ import json
 import numpy as np
 import pytest
 import torch
-
-import checkpoint as ckpt
-import data_loader
-import decisions
-import intensity_correction
-import metrics
-import protocols
-import run_config
-import scoring
 from conftest import TINY_FLAGS
-from main import parse_config
-from model import healthy_reconstruction
-from networks import build_stage1, load_generator, model_path, saved_config
-from solver import Runtime
-from stage2_training import holdout_check
 from test_protocols import read_csv
 from test_stage2_training import FixedResidual
+
+from brainomaly import decisions, metrics
+from brainomaly.data import dataset_layout, healthy_split, slice_files
+from brainomaly.evaluate import checkpoint_selection, intensity_correction, protocols, scoring
+from brainomaly.run import checkpoint as ckpt
+from brainomaly.run.networks import build_stage1, load_generator, model_path, saved_config
+from brainomaly.train.stage2_refiner import holdout_check
+from main import parse_config
+from model import healthy_reconstruction
+from solver import Runtime
 
 
 def brains(rng, n, diseased, size=24):
@@ -86,11 +82,11 @@ def test_the_correction_is_fitted_on_the_known_healthy_slices_stage1_trained_on(
     ckpt.atomic_save({"state_dict": generator.state_dict(), "config": saved_config(config)},
                      model_path(config, 10, "G"))
     generator, config, trained_with = load_generator(runtime, config, 10)
-    trained_on, held_out = run_config.known_healthy_split(toy_dataset, trained_with)
+    trained_on, held_out = healthy_split.run_split(toy_dataset, trained_with)
     assert len(held_out) == 9 and len(trained_on) == 9  # 3 of the 6 known-healthy patients held out
 
     def by_hand(paths):
-        x = torch.stack([data_loader.load_slice(p, config.image_size) for p in paths])
+        x = torch.stack([slice_files.load_slice(p, config.image_size) for p in paths])
         with torch.no_grad():
             return fitted_on(x, healthy_reconstruction(x, generator(x)))
 
@@ -125,9 +121,9 @@ def test_calibrate_scores_with_the_corrected_reconstruction_and_reports_it_besid
     assert json.load(open(f"{run_dir}/results/10/calibrated/inductive.json"))["auc"] == calibrated["auc"]
     # a patient's score by hand: the mean over its slices of |x - f(x_c)| / 2 inside the head
     row = read_csv(f"{run_dir}/results/10/calibrated/inductive.csv")[0]
-    paths = [p for p in data_loader.protocol_slices(toy_dataset, "inductive")[0]
-             if data_loader.patient_id(p) == row["pid"]]
-    x = torch.stack([data_loader.load_slice(p, config.image_size) for p in paths])
+    paths = [p for p in dataset_layout.protocol_slices(toy_dataset, "inductive")[0]
+             if dataset_layout.patient_id(p) == row["pid"]]
+    x = torch.stack([slice_files.load_slice(p, config.image_size) for p in paths])
     correction = intensity_correction.for_checkpoint(runtime, config, 10, generator, saved_config(config))
     with torch.no_grad():
         corrected = correction(healthy_reconstruction(x, generator(x)))
@@ -145,13 +141,13 @@ def recorded_aucp(iteration, coarse, calibrated, pids=("h1", "h2", "m1", "m2")):
 
 def test_the_aucp_sweep_offers_the_pick_both_the_coarse_and_the_calibrated_score_of_every_checkpoint():
     results = [recorded_aucp(200, [1, 2, 3, 4], [1, 3, 2, 4]), recorded_aucp(400, [1, 3, 2, 4], [1, 2, 3, 4])]
-    candidates = protocols.sweep_candidates(results, seed=0)
+    candidates = checkpoint_selection.sweep_candidates(results, seed=0)
     assert [(c.iteration, c.reconstruction, c.aucp) for c in candidates] == [
         (200, "coarse", 1.0), (200, "calibrated", 0.75), (400, "coarse", 0.75), (400, "calibrated", 1.0)]
     assert decisions.pick(candidates, "max").reconstruction == "coarse"  # the tie goes to the earlier checkpoint
     assert decisions.pick(candidates, "last").reconstruction == "calibrated"
     with pytest.raises(ValueError, match="other patients"):
-        protocols.sweep_candidates(results + [recorded_aucp(600, [1, 2, 3, 4], [1, 2, 3, 4], ("h1", "h9", "m1", "m2"))],
+        checkpoint_selection.sweep_candidates(results + [recorded_aucp(600, [1, 2, 3, 4], [1, 2, 3, 4], ("h1", "h9", "m1", "m2"))],
                                    seed=0)
 
 
@@ -159,8 +155,8 @@ def test_the_refiner_check_bar_is_the_reconstruction_the_pick_chose(toy_dataset,
     config = parse_config(["--image_dir", toy_dataset, "--run_dir", str(tmp_path / "run"), *TINY_FLAGS])
     runtime = Runtime(config)
     generator = lambda x: torch.zeros_like(x)  # noqa: E731  x_c = tanh(x): its error is per intensity alone
-    trained_on, held_out = data_loader.known_healthy_split(toy_dataset, 0.5, config.seed)
-    x = torch.stack([data_loader.load_slice(p, config.image_size) for p in trained_on])
+    trained_on, held_out = healthy_split.draw_split(toy_dataset, 0.5, config.seed)
+    x = torch.stack([slice_files.load_slice(p, config.image_size) for p in trained_on])
     correction = fitted_on(x, torch.tanh(x))
     # Halving x_c's residual passes a coarse bar (test_stage2_training) but not a calibrated one: f(x_c) undoes
     # the whole per-intensity error, so a refiner of a checkpoint picked with f(x_c) must beat that.
@@ -183,8 +179,8 @@ def test_identity_map_init_reconstructs_the_input_at_iteration_zero(toy_dataset,
                            "--map_init", "identity"])
     runtime = Runtime(config)
     generator = build_stage1(runtime, config)[0]
-    paths = data_loader.protocol_slices(toy_dataset, "aucp")[0]
-    x = torch.stack([data_loader.load_slice(p, config.image_size) for p in paths])
+    paths = dataset_layout.protocol_slices(toy_dataset, "aucp")[0]
+    x = torch.stack([slice_files.load_slice(p, config.image_size) for p in paths])
     assert bool((x == -1).any())  # the black background, where atanh is infinite, is covered
     with torch.no_grad():
         assert (healthy_reconstruction(x, generator(x)) - x).abs().max() < 1e-5

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TINY_FLAGS
 
 import main
-from conftest import TINY_FLAGS
+from brainomaly.run.networks import build_stage1
+from brainomaly.train.ema import EMA
+from brainomaly.train.stage1_gan import train_step
 from diffusion_refiner import ResidualDiffusion, cosine_beta_schedule
-from ema import EMA
 from model import healthy_reconstruction
-from networks import build_stage1
 from solver import Runtime
-from stage1_training import train_step
 
 CRITIC_FLAGS = ["--image_size", "16", "--g_conv_dim", "4", "--d_conv_dim", "4", "--g_repeat_num", "1",
                 "--d_repeat_num", "2", "--batch_size", "8", "--device", "cpu", "--lambda_gp", "10"]

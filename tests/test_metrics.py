@@ -3,8 +3,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from metrics import (PixelMetrics, aggregate_patients, aucp_to_auc, equal_error_threshold, evaluate,
-                     healthy_percentile_threshold, slice_auroc, slice_scores)
+from brainomaly.metrics import (
+    PixelMetrics,
+    aggregate_patients,
+    aucp_to_auc,
+    equal_error_threshold,
+    evaluate,
+    healthy_percentile_threshold,
+    slice_auroc,
+    slice_scores,
+)
 
 # Tiny protocol: healthy patients score 0.1, 0.3, 0.5; diseased ones 0.4, 0.9.
 LABELS = [0, 1, 0, 0, 1]

@@ -2,8 +2,8 @@
 import torch
 import torch.nn as nn
 
+from brainomaly.train.stage1_gan import gradient_penalty
 from model import Discriminator, Generator, count_parameters, healthy_reconstruction
-from stage1_training import gradient_penalty
 
 
 def test_reference_parameter_counts_with_three_channels():

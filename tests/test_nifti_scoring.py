@@ -6,13 +6,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
-import prepare_data
-import volume_scoring
 from conftest import TINY_FLAGS
-from data_loader import load_slice, slice_filename
-from errors import UserError
 from test_protocols import REPO, read_csv, run
+
+from brainomaly.data import nifti_volumes, prepare_command
+from brainomaly.data.dataset_layout import slice_filename
+from brainomaly.data.slice_files import load_slice
+from brainomaly.errors import UserError
+from brainomaly.evaluate import volume_scoring
 
 SHAPE = (30, 22, 16)          # RAS storage order: non-square in-plane (x 30, y 22)
 ZOOMS = (1.0, 1.5, 3.0)       # anisotropic voxels
@@ -73,7 +74,7 @@ def test_anomaly_map_lands_on_the_input_grid_in_any_orientation(tmp_path, axcode
     peak = np.argwhere(data >= 0.8 * data.max())  # the patch, blurred by the two resamplings
     np.testing.assert_allclose(peak.mean(axis=0), expected[:3], atol=0.6)
     # Zero outside the scored slices: find the axial axis of this storage order through the affine.
-    prepared = prepare_data.prepare_volume(path, image_size=32)
+    prepared = nifti_volumes.prepare_volume(path, image_size=32)
     axial_axis = int(np.argmax(np.abs(image.affine[2, :3])))
     in_ras = np.linalg.inv(image.affine) @ ras.affine
     unscored = [k for k in range(SHAPE[2]) if k not in prepared.indices]
@@ -96,7 +97,7 @@ def test_a_map_marking_the_slice_centre_lands_on_the_centre_voxel(tmp_path):
 
     volume_scoring.score_volumes([path], centre_maps, 32, str(tmp_path / "c.csv"), 0.5)
     data = nib.load(str(tmp_path / "c" / "sub-c_anomaly.nii.gz")).get_fdata()
-    prepared = prepare_data.prepare_volume(path, image_size=32)
+    prepared = nifti_volumes.prepare_volume(path, image_size=32)
     k = prepared.indices[0]  # RAS axial k is LPS k too (S stays S)
     plane = data[:, :, k]
     rows, cols = np.nonzero(plane >= 0.5 * plane.max())
@@ -109,8 +110,8 @@ def test_scored_slices_are_the_prepare_data_slices_pixel_for_pixel(tmp_path):
     path = write(stored_as(ras_image(texture=40.0), "LPS"), volumes / "sub-a.nii.gz")
     split = tmp_path / "split.csv"
     split.write_text("file,folder\nsub-a.nii.gz,pos\n")
-    prepare_data.prepare_nifti(str(volumes), str(split), str(tmp_path / "data"), image_size=32)
-    prepared = prepare_data.prepare_volume(path, image_size=32)
+    prepare_command.prepare_nifti(str(volumes), str(split), str(tmp_path / "data"), image_size=32)
+    prepared = nifti_volumes.prepare_volume(path, image_size=32)
     pngs = [str(tmp_path / "data" / "train/pos" / slice_filename("sub-a", k)) for k in prepared.indices]
     assert sorted(os.listdir(tmp_path / "data" / "train/pos")) == [os.path.basename(p) for p in pngs]
     expected = torch.stack([load_slice(p, 32) for p in pngs])
@@ -211,7 +212,7 @@ def test_score_sh_on_a_nifti_scan_writes_csv_map_and_overlay(toy_dataset, tmp_pa
         healthy = json.load(f)["healthy_patient_scores"]
     threshold = np.percentile(healthy, 95)
     assert rows[0]["flagged"] == str(int(float(rows[0]["score"]) > threshold)), (rows[0], threshold)
-    assert int(rows[0]["n_slices"]) == len(prepare_data.prepare_volume(str(scans / "sub-01.nii.gz"), image_size=32)
+    assert int(rows[0]["n_slices"]) == len(nifti_volumes.prepare_volume(str(scans / "sub-01.nii.gz"), image_size=32)
                                            .indices)
     out = nib.load(str(results / "scores_sub-01" / "sub-01_anomaly.nii.gz"))
     assert out.shape == image.shape and np.allclose(out.affine, image.affine) and out.get_fdata().max() > 0

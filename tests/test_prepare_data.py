@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import prepare_data
-from data_loader import patient_id
-from errors import UserError
+from brainomaly.data import dataset_layout, layout_staging, nifti_volumes, prepare_command, slice_importers
+from brainomaly.data.dataset_layout import patient_id
+from brainomaly.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,21 +88,21 @@ def expected_slices(brain, fraction):
 def test_nifti_layout_slice_choice_intensity_and_orientation(tmp_path, nifti_inputs):
     volumes, split, brain = nifti_inputs
     out = tmp_path / "data" / "Toy"
-    counts = prepare_data.prepare_nifti(str(volumes), str(split), str(out), min_brain_fraction=0.3, image_size=32)
+    counts = prepare_command.prepare_nifti(str(volumes), str(split), str(out), min_brain_fraction=0.3, image_size=32)
 
     keep = expected_slices(brain, 0.3)
     assert 0 < len(keep) < SHAPE[2]  # the fraction really drops the thin top and bottom slices
-    names = {pid: [prepare_data.slice_filename(pid, k) for k in keep] for pid in ("sub-ras", "sub-flip", "sub-psl")}
+    names = {pid: [prepare_command.slice_filename(pid, k) for k in keep] for pid in ("sub-ras", "sub-flip", "sub-psl")}
     assert pngs(out / "train/pos") == names["sub-ras"]
     assert pngs(out / "train/neg") == names["sub-flip"]
     assert pngs(out / "test/neg") == names["sub-psl"]
     assert pngs(out / "train/neg_mixed") == [] and pngs(out / "test/pos") == []
     assert counts["train/pos"] == (len(keep), 1)
     assert {patient_id(n) for n in names["sub-ras"]} == {"sub-ras"}
-    assert (out / prepare_data.MANIFEST_NAME).is_file()
+    assert (out / layout_staging.MANIFEST_NAME).is_file()
     assert not [n for n in os.listdir(out) if n.startswith(".prepare_data")]  # staging folder is gone
 
-    middle = prepare_data.slice_filename("sub-ras", keep[len(keep) // 2])
+    middle = prepare_command.slice_filename("sub-ras", keep[len(keep) // 2])
     image = read_png(out / "train/pos" / middle)
     assert image.shape == (32, 32)
     assert image.min() == 0 and image.max() == 255  # background black, top brain percentile white
@@ -118,8 +118,8 @@ def test_nifti_layout_slice_choice_intensity_and_orientation(tmp_path, nifti_inp
     # the flipped-affine and permuted-axes volumes hold the same brain: identical slices, marker on top too
     for folder, pid in (("train/neg", "sub-flip"), ("test/neg", "sub-psl")):
         for k in keep:
-            np.testing.assert_array_equal(read_png(out / folder / prepare_data.slice_filename(pid, k)),
-                                          read_png(out / "train/pos" / prepare_data.slice_filename("sub-ras", k)))
+            np.testing.assert_array_equal(read_png(out / folder / prepare_command.slice_filename(pid, k)),
+                                          read_png(out / "train/pos" / prepare_command.slice_filename("sub-ras", k)))
 
 
 def test_nifti_explicit_slices_and_masks(tmp_path, nifti_inputs):
@@ -135,7 +135,7 @@ def test_nifti_explicit_slices_and_masks(tmp_path, nifti_inputs):
         nib.save(mask_ras.as_reoriented(nib.orientations.ornt_transform(
             nib.orientations.axcodes2ornt("RAS"), nib.orientations.io_orientation(image.affine))), masks / name)
     out = tmp_path / "out"
-    prepare_data.prepare_nifti(str(volumes), str(split), str(out), masks=str(masks), slices="5:9", image_size=24)
+    prepare_command.prepare_nifti(str(volumes), str(split), str(out), masks=str(masks), slices="5:9", image_size=24)
     assert pngs(out / "train/pos") == [f"sub-ras__00{k}.png" for k in range(5, 9)]
     image = read_png(out / "test/neg" / "sub-psl__007.png")
     assert image[:, 12:].max() == 0  # outside the mask (patient's left = image right) is black
@@ -158,7 +158,7 @@ def test_nifti_missing_volume_is_exit_2_naming_it(tmp_path, nifti_inputs, capsys
     volumes, _, _ = nifti_inputs
     split = write_csv(tmp_path / "bad.csv", ["patient_id", "folder"], [["sub-ras", "pos"], ["sub-gone", "neg"]])
     out = tmp_path / "out"
-    code = prepare_data.main(["nifti", "--volumes", str(volumes), "--split", str(split), "--out", str(out)])
+    code = prepare_command.main(["nifti", "--volumes", str(volumes), "--split", str(split), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2
     assert os.path.join(str(volumes), "sub-gone.nii.gz") in err and "Fix:" in err
@@ -169,7 +169,7 @@ def test_nifti_unreadable_volume_leaves_nothing_behind(tmp_path, nifti_inputs, c
     volumes, split, _ = nifti_inputs
     (volumes / "sub-flip.nii").write_bytes(b"not a nifti file")
     out = tmp_path / "out"
-    code = prepare_data.main(["nifti", "--volumes", str(volumes), "--split", str(split), "--out", str(out)])
+    code = prepare_command.main(["nifti", "--volumes", str(volumes), "--split", str(split), "--out", str(out)])
     assert code == 2 and "sub-flip.nii" in capsys.readouterr().err
     assert not out.exists()  # the slices of the volume read before the broken one were not kept half-done
 
@@ -189,16 +189,16 @@ def test_non_empty_output_needs_overwrite_and_keeps_files(tmp_path, nifti_inputs
     stale = out / "train/pos/old__000.png"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"stale")
-    assert prepare_data.main(args[2:] + ["--overwrite"]) == 0
+    assert prepare_command.main(args[2:] + ["--overwrite"]) == 0
     assert pngs(out / "train/pos") == ["sub-ras__002.png", "sub-ras__003.png"]  # the layout folder is replaced
     assert (out / "notes.txt").read_text() == "mine"  # other files are kept
 
 
 def test_square_resize_keeps_physical_proportions():
     image = np.ones((10, 20), dtype=np.float32)
-    same = prepare_data.square_resize(image, (2.0, 1.0), 20)  # 20 mm x 20 mm: fills the square
+    same = nifti_volumes.square_resize(image, (2.0, 1.0), 20)  # 20 mm x 20 mm: fills the square
     assert same.shape == (20, 20) and same.min() > 0.99
-    padded = prepare_data.square_resize(image, (1.0, 1.0), 20)  # 10 mm x 20 mm: centred band, zero padding
+    padded = nifti_volumes.square_resize(image, (1.0, 1.0), 20)  # 10 mm x 20 mm: centred band, zero padding
     assert padded[5:15].min() > 0.99 and padded[:5].max() == 0 and padded[15:].max() == 0
 
 
@@ -225,12 +225,12 @@ def fake_kaggle(root):
 
 
 def layout_listing(out):
-    return {folder: pngs(out / folder) for folder in prepare_data.LAYOUT_FOLDERS}
+    return {folder: pngs(out / folder) for folder in dataset_layout.LAYOUT_FOLDERS}
 
 
 def test_kaggle_shares_names_sizes_and_seed(tmp_path, capsys):
     src = fake_kaggle(tmp_path)
-    counts = prepare_data.prepare_kaggle(str(src), str(tmp_path / "a"), mixed_disease_share=0.4, neg_share=0.5, seed=0)
+    counts = slice_importers.prepare_kaggle(str(src), str(tmp_path / "a"), mixed_disease_share=0.4, neg_share=0.5, seed=0)
     stdout = capsys.readouterr().out
     assert {f: c[0] for f, c in counts.items()} == {
         "test/neg": 3, "test/pos": 4,  # every test image, healthy vs the three impaired classes
@@ -251,15 +251,15 @@ def test_kaggle_shares_names_sizes_and_seed(tmp_path, capsys):
     assert "no-impairment_tr-0.png" in every  # readable: class slug + original stem
     assert read_png(tmp_path / "a/test/neg/no-impairment_te-0.png").shape == (12, 12)  # native size, grayscale
 
-    prepare_data.prepare_kaggle(str(src), str(tmp_path / "b"), 0.4, 0.5, seed=0)
-    prepare_data.prepare_kaggle(str(src), str(tmp_path / "c"), 0.4, 0.5, seed=1)
+    slice_importers.prepare_kaggle(str(src), str(tmp_path / "b"), 0.4, 0.5, seed=0)
+    slice_importers.prepare_kaggle(str(src), str(tmp_path / "c"), 0.4, 0.5, seed=1)
     assert layout_listing(tmp_path / "b") == listing  # same seed, same split
     assert layout_listing(tmp_path / "c") != listing  # the seed drives the split
 
 
 def test_kaggle_caps_the_disease_share_and_says_so(tmp_path, capsys):
     src = fake_kaggle(tmp_path)
-    counts = prepare_data.prepare_kaggle(str(src), str(tmp_path / "out"), mixed_disease_share=0.9, neg_share=0.5)
+    counts = slice_importers.prepare_kaggle(str(src), str(tmp_path / "out"), mixed_disease_share=0.9, neg_share=0.5)
     assert counts["train/pos"][0] == 8  # all impaired training images there are
     assert "only 8 exist" in capsys.readouterr().out
 
@@ -271,7 +271,7 @@ def test_kaggle_missing_class_folder_is_exit_2_naming_it(tmp_path, capsys):
         os.remove(missing / name)
     missing.rmdir()
     out = tmp_path / "out"
-    assert prepare_data.main(["kaggle", "--src", str(src), "--out", str(out)]) == 2
+    assert prepare_command.main(["kaggle", "--src", str(src), "--out", str(out)]) == 2
     assert str(missing) in capsys.readouterr().err
     assert not out.exists()
 
@@ -296,7 +296,7 @@ def test_csv_maps_adni_classes_and_warns_about_missing_patients(tmp_path, capsys
     src = sliced_tree(tmp_path)
     split = write_csv(tmp_path / "AD_DS1.csv", ["patient_id", "class", "split"], ADNI_ROWS)
     out = tmp_path / "out"
-    assert prepare_data.main(["csv", "--split", str(split), "--src", str(src), "--out", str(out), "--link"]) == 0
+    assert prepare_command.main(["csv", "--split", str(split), "--src", str(src), "--out", str(out), "--link"]) == 0
     captured = capsys.readouterr()
     assert layout_listing(out) == {
         "train/pos": ["p1__000.png", "p1__001.png"], "train/neg_mixed": ["p2__000.png"],
@@ -313,7 +313,7 @@ def test_csv_copies_and_class_map_overrides(tmp_path):
     split = write_csv(tmp_path / "split.csv", ["patient_id", "class", "split"],
                       [["p1", "Dementia", "train"], ["p2", "CN", "train"], ["p3", "CN", "test"], ["extra", "MCI", "x"]])
     out = tmp_path / "out"
-    prepare_data.prepare_csv(str(split), str(src), str(out),
+    slice_importers.prepare_csv(str(split), str(src), str(out),
                              "Dementia=train/pos,CN:train=neg_mixed,CN:test=test/neg,MCI=skip")
     assert pngs(out / "train/pos") == ["p1__000.png", "p1__001.png"]
     assert pngs(out / "test/neg") == ["p3__000.png", "p3__001.png", "p3__002.png"]
@@ -325,7 +325,7 @@ def test_csv_patient_in_two_folders_is_exit_2(tmp_path, capsys):
     src = sliced_tree(tmp_path)
     split = write_csv(tmp_path / "split.csv", ["patient_id", "class", "split"], ADNI_ROWS + [["p1", "NL", "test"]])
     out = tmp_path / "out"
-    assert prepare_data.main(["csv", "--split", str(split), "--src", str(src), "--out", str(out)]) == 2
+    assert prepare_command.main(["csv", "--split", str(split), "--src", str(src), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "p1" in err and "train/pos" in err and "test/neg" in err and str(split) in err
     assert not out.exists()
@@ -335,11 +335,11 @@ def test_csv_unknown_class_is_a_user_error(tmp_path):
     src = sliced_tree(tmp_path)
     split = write_csv(tmp_path / "split.csv", ["patient_id", "class", "split"], [["p1", "MCI", "train"]])
     with pytest.raises(UserError, match="--class_map"):
-        prepare_data.prepare_csv(str(split), str(src), str(tmp_path / "out"))
+        slice_importers.prepare_csv(str(split), str(src), str(tmp_path / "out"))
 
 
 def test_output_inside_source_is_refused(tmp_path):
     src = sliced_tree(tmp_path)
     split = write_csv(tmp_path / "AD_DS1.csv", ["patient_id", "class", "split"], ADNI_ROWS)
     with pytest.raises(UserError, match="overlap"):
-        prepare_data.prepare_csv(str(split), str(src), str(src / "out"))
+        slice_importers.prepare_csv(str(split), str(src), str(src / "out"))

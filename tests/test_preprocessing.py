@@ -8,13 +8,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from synthetic_head import dice, synthetic_head
 
-import preparation_record
-import prepare_data
-import volume_scoring
-from data_loader import load_slice, slice_filename
-from errors import UserError
-from synthetic_head import SHELL_MM, dice, synthetic_head
+from brainomaly.data import preparation_record, prepare_command, slice_importers
+from brainomaly.data.slice_files import load_slice
+from brainomaly.errors import UserError
+from brainomaly.evaluate import volume_scoring
 
 FAST = ["--template_resolution", "3"]  # 3 mm template grid: a whole pipeline in seconds on 2 cores
 RESOLUTION = 3
@@ -39,7 +38,7 @@ def test_the_brain_mask_excludes_the_skull_and_lies_on_the_scan_grid(head, tmp_p
     needs_ants()
     path, truth = head
     out = tmp_path / "prep"
-    assert prepare_data.main(["preprocess", path, "--out", str(out), *FAST, "--registration", registration]) == 0
+    assert prepare_command.main(["preprocess", path, "--out", str(out), *FAST, "--registration", registration]) == 0
     mask = nib.load(str(out / "sub-01_brain_mask.nii.gz"))
     scan = nib.load(path)
     assert mask.shape == scan.shape and np.allclose(mask.affine, scan.affine)
@@ -64,7 +63,7 @@ def test_score_mode_repeats_the_recorded_preprocessing_and_maps_back_onto_the_sc
     split = tmp_path / "split.csv"
     split.write_text("file,folder\nsub-01.nii.gz,neg\n")
     data = tmp_path / "data"
-    assert prepare_data.main(["nifti", "--volumes", str(volumes), "--split", str(split), "--out", str(data),
+    assert prepare_command.main(["nifti", "--volumes", str(volumes), "--split", str(split), "--out", str(data),
                               "--image_size", "32", "--preprocess", *FAST]) == 0
     with open(data / "prepare.json") as handle:
         record = json.load(handle)
@@ -106,13 +105,13 @@ def test_a_scan_the_registration_cannot_cover_is_refused_naming_it(head, tmp_pat
     slab_path = str(tmp_path / "sub-slab.nii.gz")
     nib.save(slab, slab_path)
     with pytest.raises(UserError) as caught:
-        prepare_data.prepare_scan(slab_path, "sub-slab", None, prepare_data_settings(), str(tmp_path / "w"),
+        prepare_command.prepare_scan(slab_path, "sub-slab", None, prepare_data_settings(), str(tmp_path / "w"),
                                   0.3, None, 32)
     assert slab_path in str(caught.value) and "Fix:" in str(caught.value)
 
 
 def prepare_data_settings():
-    import preprocessing
+    from brainomaly.data import preprocessing
     return preprocessing.PreprocessSettings(template_resolution=RESOLUTION)
 
 
@@ -160,7 +159,7 @@ def test_preprocessing_without_antspyx_says_how_to_install_it(monkeypatch, tmp_p
     volumes.mkdir()
     (tmp_path / "split.csv").write_text("file,folder\nsub-01.nii.gz,neg\n")
     with pytest.raises(UserError, match="pip install -r requirements-preprocess.txt"):
-        prepare_data.run(["nifti", "--volumes", str(volumes), "--split", str(tmp_path / "split.csv"),
+        prepare_command.run(["nifti", "--volumes", str(volumes), "--split", str(tmp_path / "split.csv"),
                           "--out", str(tmp_path / "out"), "--preprocess"])
     assert not (tmp_path / "out").exists()
 
@@ -184,11 +183,11 @@ def test_overwrite_replaces_the_record_of_an_earlier_preparation(tmp_path):
     nib.save(nib.Nifti1Image(data, np.eye(4)), volumes / "sub-01.nii.gz")
     (tmp_path / "split.csv").write_text("file,folder\nsub-01.nii.gz,pos\n")
     out = tmp_path / "out"
-    prepare_data.prepare_nifti(str(volumes), str(tmp_path / "split.csv"), str(out), image_size=16)
+    prepare_command.prepare_nifti(str(volumes), str(tmp_path / "split.csv"), str(out), image_size=16)
     assert json.loads((out / "prepare.json").read_text())["command"] == "nifti"
     slices = tmp_path / "slices"
     slices.mkdir()
     (slices / "p1__000.png").write_bytes((out / "train/pos" / os.listdir(out / "train/pos")[0]).read_bytes())
     (tmp_path / "csv_split.csv").write_text("patient_id,class,split\np1,AD_Mixed,\n")
-    prepare_data.prepare_csv(str(tmp_path / "csv_split.csv"), str(slices), str(out), overwrite=True)
+    slice_importers.prepare_csv(str(tmp_path / "csv_split.csv"), str(slices), str(out), overwrite=True)
     assert not (out / "prepare.json").exists()  # it described slices that are gone

@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import torch
+from conftest import SLICES_PER_PATIENT, TINY_FLAGS
 
-from conftest import TINY_FLAGS, SLICES_PER_PATIENT
-from data_loader import known_healthy_split, patient_id, protocol_slices
+from brainomaly.data.dataset_layout import patient_id, protocol_slices
+from brainomaly.data.healthy_split import draw_split as known_healthy_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +119,7 @@ def test_a_run_trained_without_a_holdout_scores_aucp_over_all_known_healthy_pati
 
 
 def test_an_auc_estimate_outside_0_1_is_flagged_not_printed_as_a_figure(capsys):
-    from protocols import print_result
+    from brainomaly.evaluate.protocols import print_result
     result = {"protocol": "aucp", "auc": 0.84, "average_precision": 0.87, "sensitivity": 0.75, "specificity": 0.75,
               "threshold": 0.004, "checkpoint": 4000, "reconstruction": "coarse", "n_patients": 160,
               "n_slices": 1280, "seconds": 19.0, "rho": 0.6, "auc_estimate_from_rho": (0.84 - 0.3) / 0.4}

@@ -6,11 +6,12 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_FLAGS
 
 import data_loader
 import main
-import scoring
-from conftest import TINY_FLAGS
+from brainomaly.data import dataset_layout, healthy_split
+from brainomaly.evaluate import scoring
 
 
 def load(path):
@@ -36,15 +37,15 @@ def test_checkpoint_holds_the_generator_ema_and_the_state_holds_the_raw_generato
 
 def test_hold_out_keeps_whole_patients_apart_and_never_all_of_them():
     paths = [f"/d/train/neg/p{p}__{s:03d}.png" for p in range(10) for s in range(3)]
-    kept, held = data_loader.hold_out_patients(paths, 0.2, seed=1)
-    held_ids = {data_loader.patient_id(p) for p in held}
+    kept, held = healthy_split.hold_out_patients(paths, 0.2, seed=1)
+    held_ids = {dataset_layout.patient_id(p) for p in held}
     assert len(held_ids) == 2 and len(held) == 6
-    assert not held_ids & {data_loader.patient_id(p) for p in kept}
+    assert not held_ids & {dataset_layout.patient_id(p) for p in kept}
     assert sorted(kept + held) == sorted(paths)
-    assert data_loader.hold_out_patients(paths, 0.2, seed=1) == (kept, held)  # seeded
+    assert healthy_split.hold_out_patients(paths, 0.2, seed=1) == (kept, held)  # seeded
     one_patient = paths[:3]
-    assert data_loader.hold_out_patients(one_patient, 0.2, seed=1) == (one_patient, [])
-    assert data_loader.hold_out_patients(paths, 0.0, seed=1) == (paths, [])
+    assert healthy_split.hold_out_patients(one_patient, 0.2, seed=1) == (one_patient, [])
+    assert healthy_split.hold_out_patients(paths, 0.0, seed=1) == (paths, [])
 
 
 def fake_batch(index, x, anomaly_map):
@@ -86,7 +87,7 @@ def test_shift_augmentation_moves_each_slice_on_background(toy_dataset):
     assert (moved[1, 0] == 0.5).nonzero().tolist() == [[2, 7]]
     assert moved.sum().item() == images.sum().item()  # all else is background (-1), nothing wrapped round
     # the training stream applies it: same slices and flips, moved
-    paths = data_loader.require_images(toy_dataset, "train/neg")
+    paths = dataset_layout.require_images(toy_dataset, "train/neg")
     plain = data_loader.training_stream(paths, 16, 4, 7, "on")
     shifting = data_loader.training_stream(paths, 16, 4, 7, "on", max_shift=2)
     for _ in range(3):

@@ -16,14 +16,15 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_FLAGS, toy_slice
 
-import data_loader
 import main
-import metrics
-import scoring
-from conftest import TINY_FLAGS, toy_slice, write_toy_dataset
-from data_loader import save_slice_png, slice_filename
-from visualize import read_png, save_sample_grid
+from brainomaly import metrics
+from brainomaly.data import slice_files
+from brainomaly.data.dataset_layout import slice_filename
+from brainomaly.data.slice_files import save_slice_png
+from brainomaly.evaluate import scoring
+from brainomaly.visualize import read_png, save_sample_grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": ""}
@@ -104,7 +105,7 @@ def test_pixel_metrics_count_the_head_without_brain_masks_and_the_brain_mask_wit
     lesion = np.zeros((16, 16))
     lesion[4:6, 6:11] = 1.0  # 10 px: 2 x 2 = 4 inside the head (columns 6, 7), 6 on the background
     save_slice_png(lesion, os.path.join(root, "masks/test/pos/p0__000.png"))
-    image = data_loader.load_slice(slice_path, 26)[0].numpy()
+    image = slice_files.load_slice(slice_path, 26)[0].numpy()
     assert int((image > metrics.HEAD_LEVEL).sum()) == 128
     anomaly_map = np.full((26, 26), 0.5)
 

@@ -3,7 +3,6 @@ import json
 import os
 
 import numpy as np
-
 from conftest import TINY_FLAGS
 from test_protocols import REPO, read_csv, run
 

@@ -2,7 +2,7 @@
 import json
 import os
 
-import report
+from brainomaly.evaluate import report
 
 
 def write(path, payload):

@@ -8,11 +8,11 @@ import time
 
 import pytest
 import torch
-
-import data_loader
-import main
 from conftest import TINY_FLAGS
-from errors import UserError, run_cli
+
+import main
+from brainomaly.data import dataset_check
+from brainomaly.errors import UserError, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,9 +76,9 @@ def test_stage2_checks_only_the_set_it_batches(toy_dataset):
     for folder, keep in (("train/pos", 2), ("train/neg_mixed", 1)):  # 3 mixed slices left
         for name in sorted(os.listdir(os.path.join(toy_dataset, folder)))[keep:]:
             os.remove(os.path.join(toy_dataset, folder, name))
-    data_loader.check_dataset(toy_dataset, 4, batch_flag="--refiner_batch_size", mixed_in_batches=False)
+    dataset_check.check_dataset(toy_dataset, 4, batch_flag="--refiner_batch_size", mixed_in_batches=False)
     with pytest.raises(UserError, match="only 3 slices in the mixed set .* lower --batch_size"):
-        data_loader.check_dataset(toy_dataset, 4)
+        dataset_check.check_dataset(toy_dataset, 4)
 
 
 def test_missing_resume_checkpoint_names_resume_iters(toy_dataset, tmp_path, capsys):
@@ -199,7 +199,7 @@ def test_training_killed_at_random_moments_resumes_to_the_end(toy_dataset, tmp_p
 
 def test_interrupted_stage2_leaves_no_scoring_refiner_and_resumes_with_its_own_architecture(
         toy_dataset, tmp_path, capsys, monkeypatch):
-    import stage2_training
+    from brainomaly.train import stage2_refiner
     run_dir = str(tmp_path / "run")
     assert main.main(train_args(toy_dataset, run_dir, "--num_iters", "2", "--model_save_step", "1")) == 0
     stage2 = ["--mode", "train_refiner", "--image_dir", toy_dataset, "--run_dir", run_dir, "--num_workers", "0",
@@ -210,14 +210,14 @@ def test_interrupted_stage2_leaves_no_scoring_refiner_and_resumes_with_its_own_a
 
     def killed(*args):  # the job dies after the periodic save at refiner iteration 2, before the end
         raise KeyboardInterrupt
-    monkeypatch.setattr(stage2_training, "holdout_check", killed)
+    monkeypatch.setattr(stage2_refiner, "holdout_check", killed)
     try:
         main.main([*stage2, *tiny_refiner])
     except KeyboardInterrupt:
         pass
     monkeypatch.undo()
     models = f"{run_dir}/models"
-    [picked] = stage2_training.unfinished_refiners(main.parse_config(["--run_dir", run_dir]))
+    [picked] = stage2_refiner.unfinished_refiners(main.parse_config(["--run_dir", run_dir]))
     assert not os.path.exists(f"{models}/{picked}-R.ckpt")  # nothing a protocol would score as "the refiner"
     capsys.readouterr()
 

@@ -6,10 +6,10 @@ import os
 import shutil
 
 import torch
-
-import main
 from conftest import TINY_FLAGS
 from test_protocols import REPO, read_csv, run
+
+import main
 
 # a run unlike the defaults in every setting a resume could lose
 RUN_FLAGS = [*TINY_FLAGS, "--seed", "3", "--g_lr", "3e-4", "--d_lr", "2e-4", "--lambda_id", "5",

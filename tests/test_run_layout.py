@@ -2,15 +2,14 @@
 import json
 
 import torch
-
-import checkpoint as ckpt
-import protocols
-import report
-import run_layout
 from conftest import TINY_FLAGS
+
+from brainomaly.evaluate import checkpoint_selection, protocols, report
+from brainomaly.run import checkpoint as ckpt
+from brainomaly.run import run_layout
+from brainomaly.run.networks import model_path, saved_config
 from main import parse_config
 from model import Generator
-from networks import model_path, saved_config
 from solver import Runtime
 
 
@@ -40,7 +39,7 @@ def test_report_reads_the_files_the_protocols_write(toy_dataset, tmp_path):
     runtime = Runtime(config)
     results = {name: protocols.run_protocol(runtime, config, name, 2) for name in protocols.PROTOCOLS}
     written = {name: result["auc"] for name, result in results.items()}
-    sweeps = {name: protocols.checkpoint_sweep(runtime, config, name) for name in ("aucp", "inductive")}
+    sweeps = {name: checkpoint_selection.checkpoint_sweep(runtime, config, name) for name in ("aucp", "inductive")}
 
     # the coarse run's files, and the intensity-corrected AUC each of them reports beside it
     rows = dict(report.summary_rows(toy_dataset, run_dir, 2))

@@ -11,14 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint as ckpt
 import main
-from data_loader import load_slice, save_slice_png, slice_filename
+from brainomaly.data.dataset_layout import slice_filename
+from brainomaly.data.slice_files import save_slice_png
+from brainomaly.run import checkpoint as ckpt
+from brainomaly.run.networks import build_stage1
+from brainomaly.train.stage1_gan import gradient_penalty, train_step
 from diffusion_refiner import RefinerUNet, ResidualDiffusion
 from model import Generator, healthy_reconstruction
-from networks import build_stage1
 from solver import Runtime
-from stage1_training import gradient_penalty, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

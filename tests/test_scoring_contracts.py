@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import data_loader
-import metrics
-import scoring
-from scoring_networks import ScoringNetworks
+from brainomaly import metrics
+from brainomaly.data import dataset_layout
+from brainomaly.evaluate import scoring
+from brainomaly.evaluate.scoring_networks import ScoringNetworks
 
 # one 2x2 slice: background (-1, and -0.97 just under the head level -0.96) and head pixels (-0.95 just over)
 X = torch.tensor([[[[-1.0, 0.75], [-0.97, -0.25]]],
@@ -93,7 +93,7 @@ def test_patient_auc_groups_slices_by_the_id_before_the_double_underscore():
         ("pos2__scan__003.png", 0.25, 1),                         # id "pos2" (the first __): 0.25
     ]
     paths = [f"/data/Toy/train/x/{name}" for name, _, _ in slices]
-    pids = [data_loader.patient_id(p) for p in paths]
+    pids = [dataset_layout.patient_id(p) for p in paths]
     assert pids == ["hea1", "hea1", "hea2", "pos1", "pos1", "pos2"]
     scores, labels = [s for _, s, _ in slices], [y for _, _, y in slices]
     # patients: diseased 0.35, 0.25 vs healthy 0.30, 0.20: 0.35 beats both, 0.25 beats 0.20 only -> 3/4

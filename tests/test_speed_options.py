@@ -4,21 +4,22 @@ import os
 
 import pytest
 import torch
+from conftest import TINY_FLAGS
 
 import main
-from conftest import TINY_FLAGS
-from errors import UserError
-from speed import FiniteCheck, keep_freed_memory
+from brainomaly.errors import UserError
+from brainomaly.fast_path_selection import keep_freed_memory
+from brainomaly.train.training_loop import FiniteCheck
 
 ITERATIONS = 4  # two critic-only and two critic+generator iterations (n_critic 2)
 
 
 def run_stage1(*flags):
     """Losses of every iteration and the final weights of stage1_training.train_step on fixed tiny batches."""
-    from networks import build_stage1
+    from brainomaly.run.networks import build_stage1
+    from brainomaly.train.stage1_gan import train_step
+    from brainomaly.train.training_loop import adam
     from solver import Solver
-    from speed import adam
-    from stage1_training import train_step
     solver = Solver(main.parse_config([*TINY_FLAGS, "--device", "cpu", *flags]))
     c, runtime = solver.config, solver.runtime
     torch.manual_seed(0)
@@ -64,7 +65,7 @@ def test_speed_option_matches_the_plain_path(plain, flags):
 
 def test_weights_actually_moved(plain):
     # the comparison above would be empty if nothing trained
-    from networks import build_stage1
+    from brainomaly.run.networks import build_stage1
     from solver import Solver
     solver = Solver(main.parse_config([*TINY_FLAGS, "--device", "cpu"]))
     torch.manual_seed(0)

@@ -3,14 +3,21 @@ label-free held-out check."""
 import os
 
 import torch
+from conftest import TINY_FLAGS
 
 import data_loader
-from conftest import TINY_FLAGS
-from ema import EMA
+from brainomaly.data import dataset_layout, healthy_split
+from brainomaly.run.networks import build_refiner, model_path
+from brainomaly.train.ema import EMA
+from brainomaly.train.stage2_refiner import (
+    holdout_check,
+    refiner_step,
+    restore_stage2,
+    save_stage2,
+    unfinished_refiners,
+)
 from main import parse_config
-from networks import build_refiner, model_path
 from solver import Runtime
-from stage2_training import holdout_check, refiner_step, restore_stage2, save_stage2, unfinished_refiners
 
 
 def stage2_state(config, runtime, seed):
@@ -19,7 +26,7 @@ def stage2_state(config, runtime, seed):
     diffusion = build_refiner(runtime, config)
     ema = EMA(diffusion, config.refiner_ema)
     optimizer = torch.optim.Adam(diffusion.parameters(), config.refiner_lr)
-    stream = data_loader.training_stream(data_loader.require_images(config.image_dir, data_loader.HEALTHY_FOLDER),
+    stream = data_loader.training_stream(dataset_layout.require_images(config.image_dir, dataset_layout.HEALTHY_FOLDER),
                                          config.image_size, config.refiner_batch_size, seed, "on")
     noise_generator = torch.Generator().manual_seed(seed)
     generator = lambda x: torch.zeros_like(x)  # noqa: E731  a frozen G whose x_c is tanh(x)
@@ -73,7 +80,7 @@ def test_the_held_out_check_fails_a_refiner_that_erases_the_disease_with_the_gan
     config = parse_config(["--image_dir", toy_dataset, "--run_dir", str(tmp_path / "run"), *TINY_FLAGS])
     runtime = Runtime(config)
     generator = lambda x: torch.zeros_like(x)  # noqa: E731  x_c = tanh(x): a residual that tracks the toy disease
-    held_out = data_loader.known_healthy_split(toy_dataset, 0.5, config.seed)[1]
+    held_out = healthy_split.draw_split(toy_dataset, 0.5, config.seed)[1]
     # Undoing tanh exactly takes every slice's error, healthy or diseased, to zero: the held-out healthy error
     # falls, and the separation from the mixed set goes with it, so the refiner must not be used.
     undo_tanh = FixedResidual(lambda coarse: torch.atanh(coarse) - coarse)

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import visualize
-from training_log import TrainingLogger, log_protocol
+from brainomaly import visualize
+from brainomaly.run.training_log import TrainingLogger, log_protocol
 
 
 def events(folder):

@@ -5,8 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from visualize import (normalise_per_image, save_anomaly_panel, save_learning_curve, save_roc_curve,
-                       save_sample_grid, save_score_histogram)
+from brainomaly.visualize import (
+    normalise_per_image,
+    save_anomaly_panel,
+    save_learning_curve,
+    save_roc_curve,
+    save_sample_grid,
+    save_score_histogram,
+)
 
 LABELS = [0, 0, 0, 1, 1, 1]
 SCORES = [0.1, 0.2, 0.35, 0.3, 0.6, 0.8]

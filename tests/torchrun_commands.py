@@ -5,8 +5,8 @@ fails ends the launch with its exit status."""
 import json
 import sys
 
-import distributed
 import main
+from brainomaly import distributed
 
 if __name__ == "__main__":
     distributed.init("cpu")  # main.main sees the group and leaves it open for the next command

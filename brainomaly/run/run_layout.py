@@ -1,0 +1,112 @@
+"""The run-folder layout, in one place (and the JSON/CSV writers of its files): written by the protocols and
+score mode, read by report.py.
+
+RUN_DIR/
+    models/   logs/   samples/                        (the default --model_save_dir, --log_dir, --sample_dir)
+    results/                                          (the default --result_dir)
+        ITER/{refined,calibrated,coarse}/PROTOCOL.{json,csv}, PROTOCOL_roc.png, PROTOCOL_scores.png, maps_PROTOCOL/
+        ITER/{refined,calibrated,coarse}/healthy_reference.json  (the AUCp run's known-healthy patient scores)
+        ITER/refiner_check.json                       (stage 2's check on held-out known-healthy slices)
+        ITER/{refined,calibrated,coarse}/scores_FOLDER.csv, maps_score_FOLDER/   (score mode)
+        aucp_selection.{json,csv}, inductive_by_iteration.{json,csv}, transductive_by_iteration.{json,csv}
+        learning_curve.png
+"""
+import csv
+import json
+import os
+
+from brainomaly.atomic_files import atomic_output
+from brainomaly.decisions import Reconstruction
+from brainomaly.errors import UserError
+
+# config key -> its default folder under --run_dir
+RUN_FOLDERS = {"log_dir": "logs", "model_save_dir": "models", "sample_dir": "samples", "result_dir": "results"}
+RECONSTRUCTIONS = tuple(r.value for r in reversed(Reconstruction))  # one folder each under results/ITER/, refined first
+# per protocol, the table of its run over every checkpoint (AUCp's is the label-free checkpoint selection)
+SWEEP_NAMES = {"inductive": "inductive_by_iteration", "transductive": "transductive_by_iteration",
+               "aucp": "aucp_selection"}
+
+
+def default_folder(run_dir, key):
+    return f"{run_dir}/{RUN_FOLDERS[key]}"
+
+
+def iteration_dir(result_dir, iteration):
+    return os.path.join(result_dir, str(iteration))
+
+
+def sweep_table(result_dir, protocol, extension):
+    return os.path.join(result_dir, f"{SWEEP_NAMES[protocol]}.{extension}")
+
+
+def refiner_check(result_dir, iteration):
+    """Stage 2's label-free check on held-out known-healthy slices (also inside ITER-R.ckpt)."""
+    return os.path.join(iteration_dir(result_dir, iteration), "refiner_check.json")
+
+
+def learning_curve(result_dir):
+    return os.path.join(result_dir, "learning_curve.png")
+
+
+class CheckpointResults:
+    """The files of one checkpoint scored with one reconstruction (refined or coarse)."""
+
+    def __init__(self, result_dir, iteration, reconstruction):
+        self.folder = os.path.join(iteration_dir(result_dir, iteration), reconstruction)
+
+    def protocol_json(self, protocol):
+        return os.path.join(self.folder, f"{protocol}.json")
+
+    def protocol_csv(self, protocol):
+        return os.path.join(self.folder, f"{protocol}.csv")
+
+    def roc_plot(self, protocol):
+        return os.path.join(self.folder, f"{protocol}_roc.png")
+
+    def score_plot(self, protocol):
+        return os.path.join(self.folder, f"{protocol}_scores.png")
+
+    def protocol_maps(self, protocol):
+        return os.path.join(self.folder, f"maps_{protocol}")
+
+    @property
+    def healthy_reference(self):
+        return os.path.join(self.folder, "healthy_reference.json")
+
+    def folder_scores(self, tag):
+        return os.path.join(self.folder, f"scores_{tag}.csv")
+
+    def folder_maps(self, tag):
+        return os.path.join(self.folder, f"maps_score_{tag}")
+
+
+def write_json(payload, path, what="result"):
+    """Atomic (atomic_files): a failed write is a UserError naming the file, and leaves no partial JSON."""
+    with atomic_output(path, what) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
+
+
+def columns(rows):
+    """Every key of the rows, in the order they first appear: rows may differ in their keys (a checkpoint sweep
+    scores some checkpoints with the refiner and some without), and a table needs a column for each."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def write_csv(rows, path, what="result table"):
+    """Atomic, like write_json; a row without one of the columns (see columns) leaves that cell blank."""
+    with atomic_output(path, what) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns(rows), restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def refuse_existing_outputs(paths):
+    """Score mode never overwrites: any of `paths` (None skipped) that exists, from a previous scoring run, stops
+    this one before anything is scored or written."""
+    existing = [path for path in paths if path is not None and os.path.exists(path)]
+    if existing:
+        raise UserError(f"{len(existing)} output(s) of this scoring run already exist, e.g. {existing[0]}; nothing "
+                        f"was written.\nFix: pass another --output CSV (the maps go to the folder named like it), "
+                        f"or move those files away.")

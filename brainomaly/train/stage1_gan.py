@@ -1,0 +1,305 @@
+"""Stage 1: the Brainomaly GAN. WGAN-GP with real = known-healthy H, fake = tanh(x_M + G(x_M)), plus identity
+L1 on H; checkpoints every --model_save_step (save_stage1 / restore_stage1 for an exact resume).
+
+ITER-G.ckpt holds the generator that scoring and the AUCp selection use: the exponential moving average of
+G's weights (--g_ema, the standard GAN practice: the raw G swings between checkpoints), or the raw G with
+--g_ema 0. The raw G, which keeps training, is in ITER-state.ckpt.
+
+Under torchrun every rank trains the same networks on its shard of the streams (DistributedDataParallel averages
+the gradients), so every rank's G, and the EMA each rank updates from its own unwrapped G, stay identical; rank 0
+alone writes checkpoints, samples and logs."""
+import os
+
+import torch
+from torch.profiler import record_function as region
+from tqdm import tqdm
+
+import data_loader
+from brainomaly import distributed, seeds, visualize
+from brainomaly.data import dataset_check, dataset_layout, healthy_split, preparation_record, slice_files
+from brainomaly.errors import UserError
+from brainomaly.run import checkpoint as ckpt
+from brainomaly.run import run_config
+from brainomaly.run.networks import build_stage1, model_path, refuse_to_overwrite, saved_config
+from brainomaly.run.training_log import TrainingLogger
+from brainomaly.train.ema import EMA
+from brainomaly.train.training_loop import FiniteCheck, adam
+from model import ARCHITECTURE_FLAGS, healthy_reconstruction
+
+
+def gradient_penalty(critic, real, fake, alpha):
+    """WGAN-GP: mean over samples of (||d critic(x~) / d x~||_2 - 1)^2 on x~ = alpha*real + (1-alpha)*fake."""
+    mixed = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+    # fp32 sum, gradient and norm under bf16 autocast too (mixed is fp32, so its gradient comes back fp32)
+    (grad,) = torch.autograd.grad(critic(mixed).float().sum(), mixed, create_graph=True)
+    return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def identity_weight(config, iteration):
+    """lambda_id at `iteration`: linear from --lambda_id_start to --lambda_id over the first --lambda_id_ramp
+    iterations, then --lambda_id (a ramp of 0: --lambda_id throughout). A low early weight lets G leave the
+    identity while the critic still tells mixed from healthy; the full weight then keeps healthy brains as they are."""
+    c = config
+    ramp = min(1.0, iteration / c.lambda_id_ramp) if c.lambda_id_ramp > 0 else 1.0
+    return c.lambda_id_start + (c.lambda_id - c.lambda_id_start) * ramp
+
+
+def penalty_weight(config, iteration):
+    """The gradient penalty's weight at `iteration`. Lazy regularisation (StyleGAN2): the penalty on every
+    --gp_every-th critic step only, weighted --gp_every x --lambda_gp so that its mean pull is the same; 0 (its
+    double backward skipped) in between."""
+    return config.lambda_gp * config.gp_every if iteration % config.gp_every == 0 else 0.0
+
+
+def generator_steps(config, iteration):
+    """Whether `iteration` updates G: never in the first --d_warmup iterations (the critic alone learns mixed from
+    healthy while G is still where it started), then one G update every --n_critic critic updates."""
+    return iteration >= config.d_warmup and (iteration + 1 - config.d_warmup) % config.n_critic == 0
+
+
+def set_learning_rates(config, optimizers, iteration):
+    """Linear decay to 0 over the last num_iters_decay iterations, in steps of lr_update_step (off by default)."""
+    c = config
+    for optimizer, base_lr in optimizers:
+        lr = base_lr
+        if c.lr_decay:
+            stepped = (iteration // c.lr_update_step) * c.lr_update_step
+            lr = base_lr * min(1.0, max(0.0, (c.num_iters - stepped) / c.num_iters_decay))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+def save_stage1(config, iteration, generator, g_ema, critic, g_optimizer, d_optimizer, streams, noise_generator):
+    saved = saved_config(config)
+    scored = generator if g_ema is None else g_ema.model
+    # G last: ITER-G.ckpt marks checkpoint ITER complete for scoring and for resume (checkpoint.save_set)
+    ckpt.save_set([
+        ({"state_dict": critic.state_dict(), "config": saved, "iteration": iteration},
+         model_path(config, iteration, "D")),
+        ({"iteration": iteration, "g_optimizer": g_optimizer.state_dict(), "d_optimizer": d_optimizer.state_dict(),
+          "torch_rng": torch.get_rng_state(), "noise_generator": noise_generator.get_state(),
+          "streams": [s.state_dict() for s in streams], "generator": generator.state_dict(),
+          "g_ema_updates": None if g_ema is None else g_ema.num_updates},
+         model_path(config, iteration, "state")),
+        ({"state_dict": scored.state_dict(), "config": saved, "iteration": iteration,
+          "weights": "raw" if g_ema is None else f"ema {g_ema.decay}"}, model_path(config, iteration, "G")),
+    ], "stage-1 checkpoint")
+
+
+def resume_iteration(config):
+    """The checkpoint --resume_iters names ('latest': the newest with G, D and the training state, or None when
+    there is none yet: the first start of a requeued job, where the same command starts and resumes)."""
+    model_dir = config.model_save_dir
+    if config.resume_iters == "latest":
+        saved = ckpt.saved_iterations(model_dir, "G", "D", "state")
+        if not saved:
+            distributed.main_print(f"No stage-1 checkpoint in {model_dir} yet: starting from iteration 0.")
+            return None
+        return saved[-1]
+    iteration = config.resume_iters
+    for part in ("G", "D", "state"):
+        if not os.path.isfile(model_path(config, iteration, part)):
+            raise ckpt.missing_checkpoint_error(model_dir, iteration, part, "needed to resume", "--resume_iters")
+    return iteration
+
+
+def restore_stage1(config, iteration, g_saved, generator, g_ema, critic, g_optimizer, d_optimizer, streams,
+                   noise_generator):
+    state = ckpt.load(model_path(config, iteration, "state"))
+    # checkpoints written before the generator EMA hold the raw G in ITER-G.ckpt only
+    generator.load_state_dict(state.get("generator", g_saved["state_dict"]))
+    if g_ema is not None:
+        g_ema.model.load_state_dict(g_saved["state_dict"])
+        g_ema.num_updates = state.get("g_ema_updates") or 0
+    critic.load_state_dict(ckpt.load(model_path(config, iteration, "D"))["state_dict"])
+    g_optimizer.load_state_dict(state["g_optimizer"])
+    d_optimizer.load_state_dict(state["d_optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    noise_generator.set_state(state["noise_generator"])
+    for stream, stream_state in zip(streams, state["streams"]):
+        stream.load_state_dict(stream_state)
+    distributed.main_print(f"Resumed stage 1 from iteration {iteration} in {config.model_save_dir}.")
+    return iteration
+
+
+def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_mixed, x_healthy, alpha,
+               update_generator, lambda_id=None, gp_weight=None):
+    """One stage-1 iteration: a critic update, and a generator update when update_generator. Returns losses.
+    lambda_id: the identity weight of this iteration (default --lambda_id); gp_weight: the penalty's weight this
+    step (default --lambda_gp; 0 skips the penalty: lazy regularisation's steps in between)."""
+    c = config
+    lambda_id = c.lambda_id if lambda_id is None else lambda_id
+    gp_weight = c.lambda_gp if gp_weight is None else gp_weight
+    # =================== Train the critic =================== #
+    # (region(...): named parts of the step for torch.profiler, bench/profile_stage1.py; next to nothing when not profiling)
+    with runtime.autocast(), region("stage1/generator forward"):
+        if update_generator:
+            # This pass's graph also serves the generator step below (the critic step does not change G;
+            # the reference runs G on x_M a second time there).
+            fake = healthy_reconstruction(x_mixed, generator(x_mixed))
+        else:
+            with torch.no_grad():  # the reference builds a graph here that it never uses
+                fake = healthy_reconstruction(x_mixed, generator(x_mixed))
+    with runtime.autocast():
+        # the losses are fp32 means (.float(): the critic's output is bf16 under bf16 autocast)
+        with region("stage1/critic forward"):
+            d_loss_real = -critic(x_healthy).float().mean()
+            d_loss_fake = critic(fake.detach()).float().mean()
+        # The penalty goes through the plain critic, not its DDP wrapper: DDP synchronises gradients with hooks on
+        # each weight's gradient accumulator, which autograd.grad(create_graph=True) never runs (it stops at the
+        # input), and a DDP forward whose graph is differentiated twice is not what those hooks expect.
+        # d_loss.backward() below runs each weight's accumulator once, on the sum of the first-order and the
+        # penalty's second-order terms, so the one all-reduce averages the whole critic gradient.
+        # A compiled critic cannot be differentiated twice either: unwrap also strips torch.compile's wrapper.
+        d_loss = d_loss_real + d_loss_fake
+        if gp_weight != 0:  # (a nan weight too: its loss must come out non-finite)
+            with region("stage1/gradient penalty forward"):
+                d_loss_gp = gradient_penalty(distributed.unwrap(critic), x_healthy, fake, alpha)
+            d_loss = d_loss + gp_weight * d_loss_gp
+    d_optimizer.zero_grad(set_to_none=True)
+    with region("stage1/critic backward"):
+        d_loss.backward()
+    with region("stage1/critic optimiser"):
+        d_optimizer.step()
+    losses = {"D/loss_real": d_loss_real, "D/loss_fake": d_loss_fake, "D/loss": d_loss}
+    if gp_weight != 0:
+        losses["D/loss_gp"] = d_loss_gp
+
+    # =================== Train the generator =================== #
+    if update_generator:
+        critic.requires_grad_(False)  # no critic weight gradients needed here
+        g_optimizer.zero_grad(set_to_none=True)
+        # L_G = adversarial + lambda_id * identity is a sum: back-propagate the mixed half first, so its
+        # graph is freed before the healthy half's is built (half the activation memory, same gradients).
+        with region("stage1/generator adversarial"):
+            with runtime.autocast():  # plain critic: its weights get no gradient here, so nothing to synchronise
+                g_loss_fake = -distributed.unwrap(critic)(fake).float().mean()
+            g_loss_fake.backward()
+        with region("stage1/generator identity"):
+            with runtime.autocast():
+                g_loss_id = (healthy_reconstruction(x_healthy, generator(x_healthy)) - x_healthy).abs().mean()
+            (lambda_id * g_loss_id).backward()
+        with region("stage1/generator optimiser"):
+            g_optimizer.step()
+        critic.requires_grad_(True)
+        losses.update({"G/loss_fake": g_loss_fake, "G/loss_id": g_loss_id,
+                       "G/loss": g_loss_fake.detach() + lambda_id * g_loss_id.detach()})
+    return losses
+
+
+@torch.no_grad()
+def save_samples(runtime, config, generator, fixed_mixed, fixed_healthy, step):
+    """Write SAMPLE_DIR/STEP-images.png (input | map | reconstruction, mixed then healthy); return the grid."""
+    columns = []
+    for x in (fixed_mixed, fixed_healthy):
+        x = x.to(runtime.device)
+        anomaly_map = generator(x).float()
+        columns += [x, anomaly_map, healthy_reconstruction(x, anomaly_map)]
+    return visualize.save_sample_grid([col.cpu() for col in columns],
+                                      os.path.join(config.sample_dir, f"{step}-images.png"))
+
+
+def non_finite_error(config, iteration, losses):
+    """The UserError for a non-finite loss at `iteration` ({name: float}), naming the last good checkpoint."""
+    last = ckpt.saved_iterations(config.model_save_dir, "G")
+    values = ", ".join(f"{name} {value:.4g}" for name, value in losses.items())
+    return UserError(f"non-finite loss at iteration {iteration} ({values}). Training stopped; the last good "
+                     f"checkpoint is {last[-1] if last else 'none'} in {config.model_save_dir}.\n"
+                     f"Fix: lower --g_lr/--d_lr or raise --lambda_gp, then --resume_iters latest.")
+
+
+def train(runtime, config):
+    """Stage 1: WGAN-GP with real = known-healthy H, fake = tanh(x_M + G(x_M)), plus identity L1 on H."""
+    c = config
+    resume_from = None if c.resume_iters is None else resume_iteration(c)
+    changes = None
+    if resume_from is not None:
+        # Build with the checkpoint's architecture before anything else; every other setting is the run's
+        g_path = model_path(c, resume_from, "G")
+        g_saved = ckpt.load(g_path)
+        c = ckpt.reconciled_config(c, g_saved["config"], ARCHITECTURE_FLAGS, g_path)
+        c, changes = run_config.continue_run(c, run_config.saved_run_settings(c.model_save_dir, g_saved["config"]),
+                                             f"stage 1 from iteration {resume_from}")
+    else:
+        refuse_to_overwrite(c, "G", "resume it with --resume_iters latest")
+    ranks = runtime.world_size
+    dataset_check.check_dataset(c.image_dir, c.batch_size * ranks, healthy_holdout=c.healthy_holdout, seed=c.seed)
+    c = run_config.with_known_healthy_split(c)  # a new run draws it once; config.json and every checkpoint keep it
+    max_shift = round(c.augment_shift * c.image_size)
+    mixed = data_loader.training_stream(dataset_layout.mixed_set_paths(c.image_dir), c.image_size, c.batch_size,
+                                        seeds.seed(c.seed, "mixed_set"), c.preload, **runtime.stream_options(),
+                                        max_shift=max_shift)
+    trained_on, held_out = healthy_split.run_split(c.image_dir, vars(c))
+    distributed.main_print(f"Stage 1 holds {len({dataset_layout.patient_id(p) for p in held_out})} known-healthy "
+                           f"patients out of training (--healthy_holdout {c.healthy_holdout:g}): AUCp and the "
+                           f"refiner's check score them.")
+    healthy = data_loader.training_stream(trained_on, c.image_size, c.batch_size, seeds.seed(c.seed, "healthy_set"),
+                                          c.preload, **runtime.stream_options(),
+                                          batch_flag="--batch_size or --healthy_holdout", max_shift=max_shift)
+    if ranks > 1:
+        distributed.main_print(f"Stage 1: {ranks} ranks x batch {c.batch_size} = global batch {ranks * c.batch_size} "
+                               f"mixed + as many healthy slices.")
+    # bf16 / channels_last: a resume keeps the run's choice; a new run probes (cached in the models folder)
+    c = runtime.settle_fast_path(c, g_saved["config"] if resume_from is not None else None)
+    seeds.seed_weights(c.seed)
+    generator, critic = build_stage1(runtime, c)
+    g_ema = EMA(generator, c.g_ema) if c.g_ema > 0 else None
+    scored_generator = generator if g_ema is None else g_ema.model  # what the samples and checkpoints show
+    g_optimizer = adam(generator.parameters(), c.g_lr, (c.beta1, c.beta2), c, runtime.device)
+    d_optimizer = adam(critic.parameters(), c.d_lr, (c.beta1, c.beta2), c, runtime.device)
+    noise_generator = torch.Generator().manual_seed(seeds.seed(c.seed, "gradient_penalty"))
+    start = 0
+    if resume_from is not None:
+        start = restore_stage1(c, resume_from, g_saved, generator, g_ema, critic, g_optimizer, d_optimizer,
+                               (mixed, healthy), noise_generator)
+    writes = runtime.is_main  # rank 0 alone writes checkpoints, samples and logs
+    if writes:
+        run_config.write_run_config(c, saved_config(c), changes, f"stage 1, iteration {start}")
+        preparation_record.copy_into_run(c.image_dir, c.model_save_dir)  # score mode repeats that preparation
+    # as many healthy as mixed samples, so each grid row pairs one of each (the held-out split can leave fewer
+    # healthy slices than mixed ones)
+    n_samples = min(8, len(mixed.paths), len(healthy.paths))
+    fixed_mixed, fixed_healthy = (torch.stack([slice_files.load_slice(p, c.image_size) for p in paths[:n_samples]])
+                                  for paths in (mixed.paths, healthy.paths))
+    # --compile: the critic's plain passes are compiled; train_step runs the gradient penalty eagerly.
+    # Wrapped after the restore: DDP copies rank 0's weights to every rank when it is built.
+    train_generator, train_critic = runtime.wrapped(generator), runtime.compiled(distributed.wrap(critic, runtime.device))
+    logger = TrainingLogger(c, "stage1")
+    finite = FiniteCheck(c.deferred_finite_check, lambda iteration, values: non_finite_error(c, iteration, values))
+    losses = {}
+    progress = tqdm(range(start, c.num_iters), initial=start, total=c.num_iters, desc="stage 1", unit="it",
+                    disable=not writes)
+    for i in progress:
+        set_learning_rates(c, ((g_optimizer, c.g_lr), (d_optimizer, c.d_lr)), i)
+        x_mixed = next(mixed).to(runtime.device, non_blocking=True)
+        x_healthy = next(healthy).to(runtime.device, non_blocking=True)
+        update_generator = generator_steps(c, i)
+        # drawn for the global batch, this rank's rows kept: every rank's generator stays in step
+        alpha = distributed.rank_slice(torch.rand(c.batch_size * ranks, 1, 1, 1,
+                                                  generator=noise_generator)).to(runtime.device)
+        step_losses = train_step(runtime, c, train_generator, train_critic, g_optimizer, d_optimizer,
+                                 x_mixed, x_healthy, alpha, update_generator, identity_weight(c, i),
+                                 penalty_weight(c, i))
+        if ranks > 1:  # means over ranks: every rank logs, and stops on a non-finite loss, alike
+            step_losses = dict(zip(step_losses, distributed.mean(torch.stack([v.detach().float()
+                                                                              for v in step_losses.values()]))))
+        losses.update(step_losses)
+        if update_generator and g_ema is not None:
+            # the unwrapped G: the same weights on every rank (the same averaged gradients), so the same EMA
+            g_ema.update(generator)
+        # eager: checked now; --deferred_finite_check: read below, before anything is logged or saved
+        finite.add(i + 1, {"D": losses["D/loss"], "G": losses["G/loss"] if update_generator else None})
+        step = i + 1
+        if step % c.log_step == 0 or step == c.num_iters:
+            finite.check()
+            logger.log({k: v.item() for k, v in losses.items() if not k.endswith("/loss")}, step, progress)
+        if writes and (step % c.sample_step == 0 or step == c.num_iters):
+            finite.check()
+            logger.log_image("samples/stage1", save_samples(runtime, c, scored_generator, fixed_mixed,
+                                                            fixed_healthy, step), step)
+        if writes and (step % c.model_save_step == 0 or step == c.num_iters):
+            finite.check()
+            save_stage1(c, step, generator, g_ema, critic, g_optimizer, d_optimizer, (mixed, healthy),
+                        noise_generator)
+    logger.close()
+    distributed.main_print(f"Stage 1 done: checkpoints in {c.model_save_dir}, samples in {c.sample_dir}.")
