@@ -52,7 +52,7 @@ class EndlessBatches:
     the same order, not on bit-identical pixels.
     """
 
-    def __init__(self, paths, image_size, batch_size, seed, preload, num_workers=0, pin_memory=False,
+    def __init__(self, paths, image_size, batch_size, seed, preload, *, num_workers=0, pin_memory=False,
                  batch_flag="--batch_size", rank=0, world_size=1, preload_device=None, max_shift=0):
         if len(paths) < batch_size * world_size:
             raise UserError(f"only {len(paths)} training slices in {os.path.dirname(paths[0])} for a batch of "
@@ -148,12 +148,13 @@ def should_preload(n_slices, image_size, choice, budget_bytes=3 * 2**30):
     return n_slices * image_size * image_size * 2 <= budget_bytes
 
 
-def training_stream(paths, image_size, batch_size, seed, preload="auto", num_workers=0, pin_memory=False,
+def training_stream(paths, image_size, batch_size, seed, preload="auto", *, num_workers=0, pin_memory=False,
                     batch_flag="--batch_size", rank=0, world_size=1, preload_device=None, max_shift=0):
     """An endless batch stream over `paths` (this rank's shard): the mixed set M and the healthy set H each get
     their own. batch_flag names the flag that set batch_size (stage 2: --refiner_batch_size).
     preload_device: hold the preloaded slices there (e.g. the GPU) instead of in host memory.
     max_shift: move each slice by up to this many pixels in each direction (augmentation; 0: flips only)."""
     use_memory = should_preload(len(paths), image_size, preload)
-    return EndlessBatches(paths, image_size, batch_size, seed, use_memory, num_workers, pin_memory, batch_flag,
-                          rank, world_size, preload_device, max_shift)
+    return EndlessBatches(paths, image_size, batch_size, seed, use_memory, num_workers=num_workers,
+                          pin_memory=pin_memory, batch_flag=batch_flag, rank=rank, world_size=world_size,
+                          preload_device=preload_device, max_shift=max_shift)

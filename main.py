@@ -3,9 +3,11 @@ import argparse
 import difflib
 import sys
 
-from brainomaly import decisions, distributed, fast_path_selection, metrics
+from brainomaly import decisions, distributed, metrics
 from brainomaly.errors import EXIT_USER_ERROR, UserError, run_cli
 from brainomaly.run import run_layout
+from brainomaly.run.settings import Settings
+from brainomaly.train import fast_path_selection
 from solver import Solver
 
 MODE_ALIASES = {"testAUCInductive": "test_inductive", "testAUCTransductive": "test_transductive",
@@ -290,7 +292,7 @@ def parse_config(argv=None):
     for key in run_layout.RUN_FOLDERS:
         if getattr(config, key) is None:
             setattr(config, key, run_layout.default_folder(config.run_dir, key))
-    return config
+    return Settings(**vars(config))  # read-only from here on (brainomaly/run/settings.py)
 
 
 def run(argv=None):

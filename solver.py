@@ -6,14 +6,14 @@ import contextlib
 
 import torch
 
-from brainomaly import distributed, fast_path_selection, seeds
+from brainomaly import distributed, seeds
 from brainomaly.data import dataset_check
 from brainomaly.errors import UserError
 from brainomaly.evaluate import checkpoint_selection, score_folder
-from brainomaly.fast_path_selection import compile_module, keep_freed_memory
 from brainomaly.run import run_lock
-from brainomaly.run.checkpoint import replace_config
-from brainomaly.train import stage1_gan, stage2_refiner
+from brainomaly.run.settings import replace_config
+from brainomaly.train import fast_path_selection, stage1_gan, stage2_refiner
+from brainomaly.train.fast_path_selection import compile_module, keep_freed_memory
 
 
 def pick_device(choice):

@@ -251,8 +251,9 @@ def ours_stage1_train(solver, with_ema=False):
     def cycle(g, d):
         for i in range(iterations):
             update_generator = (i + 1) % c.n_critic == 0
-            stage1_gan.train_step(solver.runtime, c, g, d, g_opt, d_opt, x_mixed, x_healthy, alpha,
-                                       update_generator, c.lambda_id, stage1_gan.penalty_weight(c, i))
+            state = stage1_gan.Stage1State(generator=g, critic=d, g_optimizer=g_opt, d_optimizer=d_opt)
+            stage1_gan.train_step(solver.runtime, c, state, x_mixed, x_healthy, alpha, update_generator=update_generator,
+                                  lambda_id=c.lambda_id, gp_weight=stage1_gan.penalty_weight(c, i))
             if update_generator and g_ema is not None:
                 with torch.profiler.record_function("stage1/ema"):
                     g_ema.update(generator)

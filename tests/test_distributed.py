@@ -50,7 +50,7 @@ def test_two_rank_shards_together_are_the_one_process_batch(healthy_paths, prelo
 def test_stream_resumes_mid_epoch_exactly_also_with_another_rank_count(healthy_paths, preload, num_workers,
                                                                        max_shift):
     def stream(batch_size, **ranks):
-        return data_loader.training_stream(healthy_paths, 16, batch_size, 5, preload, num_workers,
+        return data_loader.training_stream(healthy_paths, 16, batch_size, 5, preload, num_workers=num_workers,
                                            max_shift=max_shift, **ranks)
     one = stream(4)
     first = take(one, 3)

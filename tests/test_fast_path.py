@@ -11,9 +11,8 @@ from conftest import TINY_FLAGS
 from test_real_world_failures import small_disk  # noqa: F401 (a fixture)
 
 import main
-from brainomaly import fast_path_selection
 from brainomaly.errors import UserError
-from brainomaly.train import stage1_gan
+from brainomaly.train import fast_path_selection, stage1_gan
 
 AUTO = ["--bf16", "auto", "--channels_last", "auto"]
 PLAIN, CHANNELS_LAST, BF16, BF16_CHANNELS_LAST = (False, False), (False, True), (True, False), (True, True)
@@ -149,9 +148,8 @@ def test_a_probe_cache_that_cannot_be_written_is_one_message_and_leaves_no_torn_
 def test_the_probe_times_the_networks_the_run_trains(monkeypatch):
     timed = []
     real_step = stage1_gan.train_step
-    monkeypatch.setattr(stage1_gan, "train_step",
-                        lambda runtime, c, generator, *rest: timed.append(generator) or real_step(runtime, c, generator,
-                                                                                                  *rest))
+    monkeypatch.setattr(stage1_gan, "train_step", lambda runtime, c, state, *rest, **options: timed.append(
+        state.generator) or real_step(runtime, c, state, *rest, **options))
     probe = config(*AUTO, "--image_size", "16", "--map_init", "identity")
     fast_path_selection.probe_seconds(probe, torch.device("cpu"), [PLAIN], rounds=1)
     # the run's generator, identity-initialised (x_c = x at iteration 0), not a zero-map one of the same widths
@@ -228,7 +226,7 @@ ITERATIONS = 4  # two critic-only and two critic+generator iterations
 def stage1_steps(*flags):
     """(losses per iteration, initial weights, final weights, optimiser states) of train_step on fixed batches."""
     from brainomaly.run.networks import build_stage1
-    from brainomaly.train.stage1_gan import train_step
+    from brainomaly.train.stage1_gan import Stage1State, train_step
     from brainomaly.train.training_loop import adam
     from solver import Solver
     solver = Solver(config(*flags))
@@ -245,7 +243,8 @@ def stage1_steps(*flags):
     losses = []
     for i in range(ITERATIONS):
         alpha = torch.rand(c.batch_size, 1, 1, 1, generator=g)
-        losses.append(train_step(runtime, c, generator, critic, *optimizers, x_mixed, x_healthy, alpha, i % 2 == 1))
+        state = Stage1State(generator=generator, critic=critic, g_optimizer=optimizers[0], d_optimizer=optimizers[1])
+        losses.append(train_step(runtime, c, state, x_mixed, x_healthy, alpha, update_generator=i % 2 == 1))
     final = {**{f"G.{k}": v.detach() for k, v in generator.state_dict().items()},
              **{f"D.{k}": v.detach() for k, v in critic.state_dict().items()}}
     states = [s for o in optimizers for state in o.state.values() for s in state.values() if torch.is_tensor(s)]

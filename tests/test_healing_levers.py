@@ -12,7 +12,7 @@ from brainomaly import seeds
 from brainomaly.run import checkpoint as ckpt
 from brainomaly.run.networks import build_stage1
 from brainomaly.train import stage1_gan
-from brainomaly.train.stage1_gan import identity_weight, train_step
+from brainomaly.train.stage1_gan import Stage1State, identity_weight, train_step
 from model import healthy_reconstruction
 from solver import Runtime
 
@@ -32,8 +32,8 @@ def test_generator_step_follows_the_identity_weight_it_is_given(one_thread):
     lr = 0.01
     g_optimizer = torch.optim.SGD(generator.parameters(), lr=lr)
     d_optimizer = torch.optim.SGD(critic.parameters(), lr=lr)
-    losses = train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_mixed, x_healthy, alpha,
-                        update_generator=True, lambda_id=3.0)
+    state = Stage1State(generator=generator, critic=critic, g_optimizer=g_optimizer, d_optimizer=d_optimizer)
+    losses = train_step(runtime, config, state, x_mixed, x_healthy, alpha, update_generator=True, lambda_id=3.0)
     # by hand: G's loss with weight 3 (not --lambda_id 10), against the critic as its own step left it
     adversarial = -critic(healthy_reconstruction(x_mixed, before(x_mixed))).mean()
     identity = (healthy_reconstruction(x_healthy, before(x_healthy)) - x_healthy).abs().mean()
@@ -48,8 +48,8 @@ def test_a_step_without_the_penalty_follows_the_wasserstein_terms_alone(one_thre
     before = copy.deepcopy(critic)
     lr = 0.01
     d_optimizer = torch.optim.SGD(critic.parameters(), lr=lr)
-    losses = train_step(runtime, config, generator, critic, None, d_optimizer, x_mixed, x_healthy, alpha,
-                        update_generator=False, gp_weight=0.0)
+    losses = train_step(runtime, config, Stage1State(generator=generator, critic=critic, d_optimizer=d_optimizer),
+                        x_mixed, x_healthy, alpha, update_generator=False, gp_weight=0.0)
     assert "D/loss_gp" not in losses
     with torch.no_grad():
         fake = healthy_reconstruction(x_mixed, generator(x_mixed))
@@ -68,8 +68,7 @@ def test_the_loop_schedules_the_warmup_the_ramp_and_the_lazy_penalty(toy_dataset
     real_step, real_penalty = stage1_gan.train_step, stage1_gan.gradient_penalty
 
     def recording_step(*args, **kwargs):
-        # positional: runtime, config, G, D, optimisers, batches, alpha, update_generator, lambda_id, gp_weight
-        calls.append(args[9:12])
+        calls.append((kwargs["update_generator"], kwargs["lambda_id"], kwargs["gp_weight"]))
         return real_step(*args, **kwargs)
 
     def counted_penalty(*args):

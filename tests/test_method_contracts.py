@@ -12,7 +12,7 @@ from conftest import TINY_FLAGS
 import main
 from brainomaly.run.networks import build_stage1
 from brainomaly.train.ema import EMA
-from brainomaly.train.stage1_gan import train_step
+from brainomaly.train.stage1_gan import Stage1State, train_step
 from diffusion_refiner import ResidualDiffusion, cosine_beta_schedule
 from model import healthy_reconstruction
 from solver import Runtime
@@ -62,8 +62,8 @@ def test_critic_loss_is_real_plus_fake_plus_lambda_times_penalty_and_its_gradien
     lr = 0.01
     d_optimizer = torch.optim.SGD(critic.parameters(), lr=lr)  # plain SGD: the step is -lr * gradient
 
-    losses = train_step(runtime, config, generator, critic, None, d_optimizer, x_mixed, x_healthy, alpha,
-                        update_generator=False)
+    losses = train_step(runtime, config, Stage1State(generator=generator, critic=critic, d_optimizer=d_optimizer),
+                        x_mixed, x_healthy, alpha, update_generator=False)
 
     # by hand, on the critic as it was before the step
     with torch.no_grad():
@@ -92,8 +92,8 @@ def test_critic_gradient_norm_on_interpolates_is_pulled_to_one(one_thread):
     assert interpolate_gradient_norms(critic, x_healthy, fake, probe).max() < 0.5  # untrained: far from 1
     g = torch.Generator().manual_seed(0)
     for _ in range(25):
-        train_step(runtime, config, generator, critic, None, d_optimizer, x_mixed, x_healthy,
-                   torch.rand(8, 1, 1, 1, generator=g), update_generator=False)
+        train_step(runtime, config, Stage1State(generator=generator, critic=critic, d_optimizer=d_optimizer),
+                   x_mixed, x_healthy, torch.rand(8, 1, 1, 1, generator=g), update_generator=False)
     norms = interpolate_gradient_norms(critic, x_healthy, fake, probe).detach()
     assert ((norms > 0.7) & (norms < 1.3)).all(), norms
     assert abs(norms.mean().item() - 1) < 0.15, norms

@@ -16,7 +16,7 @@ from brainomaly.data.dataset_layout import slice_filename
 from brainomaly.data.slice_files import save_slice_png
 from brainomaly.run import checkpoint as ckpt
 from brainomaly.run.networks import build_stage1
-from brainomaly.train.stage1_gan import gradient_penalty, train_step
+from brainomaly.train.stage1_gan import Stage1State, gradient_penalty, train_step
 from diffusion_refiner import RefinerUNet, ResidualDiffusion
 from model import Generator, healthy_reconstruction
 from solver import Runtime
@@ -196,8 +196,8 @@ def test_critic_steps_score_healthy_above_translated_diseased(one_thread):
     g_before = [p.clone() for p in generator.parameters()]
     for _ in range(100):
         alpha = torch.rand(8, 1, 1, 1)
-        train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_diseased, x_healthy, alpha,
-                   update_generator=False)
+        state = Stage1State(generator=generator, critic=critic, g_optimizer=g_optimizer, d_optimizer=d_optimizer)
+        train_step(runtime, config, state, x_diseased, x_healthy, alpha, update_generator=False)
     after = gap()
     print("critic gap", before, after)
     assert after > 0.05 and after > before + 0.05, (before, after)

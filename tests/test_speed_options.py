@@ -8,7 +8,7 @@ from conftest import TINY_FLAGS
 
 import main
 from brainomaly.errors import UserError
-from brainomaly.fast_path_selection import keep_freed_memory
+from brainomaly.train.fast_path_selection import keep_freed_memory
 from brainomaly.train.training_loop import FiniteCheck
 
 ITERATIONS = 4  # two critic-only and two critic+generator iterations (n_critic 2)
@@ -17,7 +17,7 @@ ITERATIONS = 4  # two critic-only and two critic+generator iterations (n_critic 
 def run_stage1(*flags):
     """Losses of every iteration and the final weights of stage1_training.train_step on fixed tiny batches."""
     from brainomaly.run.networks import build_stage1
-    from brainomaly.train.stage1_gan import train_step
+    from brainomaly.train.stage1_gan import Stage1State, train_step
     from brainomaly.train.training_loop import adam
     from solver import Solver
     solver = Solver(main.parse_config([*TINY_FLAGS, "--device", "cpu", *flags]))
@@ -33,7 +33,8 @@ def run_stage1(*flags):
     losses = []
     for i in range(ITERATIONS):
         alpha = torch.rand(c.batch_size, 1, 1, 1, generator=g)
-        step = train_step(runtime, c, train_g, train_d, g_opt, d_opt, x_mixed, x_healthy, alpha, (i + 1) % 2 == 0)
+        state = Stage1State(generator=train_g, critic=train_d, g_optimizer=g_opt, d_optimizer=d_opt)
+        step = train_step(runtime, c, state, x_mixed, x_healthy, alpha, update_generator=(i + 1) % 2 == 0)
         losses.append({k: float(v) for k, v in step.items()})
     weights = {**{f"G.{k}": v.detach().clone() for k, v in generator.state_dict().items()},
                **{f"D.{k}": v.detach().clone() for k, v in critic.state_dict().items()}}

@@ -10,6 +10,7 @@ from brainomaly.data import dataset_layout, healthy_split
 from brainomaly.run.networks import build_refiner, model_path
 from brainomaly.train.ema import EMA
 from brainomaly.train.stage2_refiner import (
+    Stage2State,
     holdout_check,
     refiner_step,
     restore_stage2,
@@ -33,20 +34,23 @@ def stage2_state(config, runtime, seed):
     for _ in range(seed):
         refiner_step(runtime, generator, diffusion, optimizer, next(stream), noise_generator)
         ema.update(diffusion)
-    return diffusion, ema, optimizer, stream, noise_generator
+    return Stage2State(diffusion=diffusion, ema=ema, optimizer=optimizer, stream=stream,
+                       noise_generator=noise_generator, step=7)
 
 
 def test_stage2_checkpoint_round_trip_restores_weights_ema_optimiser_stream_and_noise(toy_dataset, tmp_path):
     config = parse_config(["--image_dir", toy_dataset, "--run_dir", str(tmp_path / "run"), *TINY_FLAGS])
     runtime = Runtime(config)
     saved = stage2_state(config, runtime, seed=3)
-    save_stage2(config, 40, 7, *saved)  # a periodic save: the training state only, nothing scoring would load
+    save_stage2(config, 40, saved)  # a periodic save: the training state only, nothing scoring would load
     assert os.path.isfile(model_path(config, 40, "R-state")) and not os.path.isfile(model_path(config, 40, "R"))
     assert unfinished_refiners(config) == [40]
 
     restored = stage2_state(config, runtime, seed=1)  # another state, overwritten by the restore
-    assert restore_stage2(config, 40, *restored) == 7
-    (diffusion, ema, optimizer, stream, noise), (diffusion2, ema2, optimizer2, stream2, noise2) = saved, restored
+    restored.step = 0
+    assert restore_stage2(config, 40, restored) == 7
+    (diffusion, ema, optimizer, stream, noise), (diffusion2, ema2, optimizer2, stream2, noise2) = (
+        (s.diffusion, s.ema, s.optimizer, s.stream, s.noise_generator) for s in (saved, restored))
     for name, value in diffusion.state_dict().items():
         assert torch.equal(value, diffusion2.state_dict()[name]), name
     for name, value in ema.model.state_dict().items():
@@ -58,7 +62,7 @@ def test_stage2_checkpoint_round_trip_restores_weights_ema_optimiser_stream_and_
     assert torch.equal(torch.randn(4, generator=noise2), torch.randn(4, generator=noise))
 
     # The final save adds ITER-R: the EMA weights (what scoring loads), naming the stage-1 checkpoint it refines.
-    save_stage2(config, 40, 7, *saved, final=True)
+    save_stage2(config, 40, saved, final=True)
     assert unfinished_refiners(config) == []
     scoring_checkpoint = torch.load(model_path(config, 40, "R"), weights_only=True)
     assert scoring_checkpoint["refines"] == 40 and scoring_checkpoint["refiner_iteration"] == 7

@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from brainomaly import distributed, seeds
-from brainomaly.data import dataset_layout, healthy_split
+from brainomaly.data import dataset_layout
 from brainomaly.data.dataset_layout import HEALTHY_FOLDER, patient_id, require_images
 from brainomaly.errors import UserError
 
@@ -71,7 +71,7 @@ def run_split(root, training_config, unset_fraction=0.0):
     --seed (unset_fraction: for a run from before --healthy_holdout, which held none out)."""
     recorded = training_config.get(KNOWN_HEALTHY_KEY)
     if not recorded:
-        return healthy_split.draw_split(root, training_config.get("healthy_holdout", unset_fraction),
+        return draw_split(root, training_config.get("healthy_holdout", unset_fraction),
                                                training_config.get("seed", 0))
     folder = os.path.join(root, dataset_layout.HEALTHY_FOLDER)
     paths = dataset_layout.require_images(root, dataset_layout.HEALTHY_FOLDER)

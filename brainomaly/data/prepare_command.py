@@ -81,7 +81,7 @@ def prepare_scan(path, pid, mask_path, preprocess, work_dir, min_brain_fraction,
     return prepare_volume(scan.template_space, scan.template_mask, min_brain_fraction, slice_range, image_size), scan
 
 
-def write_volume_layout(entries, out, overwrite, sources, record, mask_paths=None, preprocess=None,
+def write_volume_layout(entries, out, *, overwrite, sources, record, mask_paths=None, preprocess=None,
                         min_brain_fraction=0.3, slice_range=None, image_size=192, split_rows=None):
     """[(patient id, scan path, folder)] -> the layout in out, with prepare.json (record) and split.csv when given.
     One progress bar over the scans; a summary with the time per scan at the end."""
@@ -112,7 +112,7 @@ def write_volume_layout(entries, out, overwrite, sources, record, mask_paths=Non
     return counts
 
 
-def prepare_nifti(volumes, split, out, masks=None, min_brain_fraction=0.3, slices=None, image_size=192,
+def prepare_nifti(volumes, split, out, *, masks=None, min_brain_fraction=0.3, slices=None, image_size=192,
                   overwrite=False, preprocess=None):
     """NIfTI volumes + split CSV -> axial PNG slices in the layout. Returns {folder: (slices, patients)}.
     preprocess: a preprocessing.PreprocessSettings to run N4, registration and brain extraction first."""
@@ -134,11 +134,12 @@ def prepare_nifti(volumes, split, out, masks=None, min_brain_fraction=0.3, slice
                                 f"Fix: put a mask with the same file name in {masks}, or drop --masks.")
     record = preparation_record.make_record("nifti", min_brain_fraction, slice_text(slice_range), image_size,
                                             masks, preprocess)
-    return write_volume_layout(entries, out, overwrite, [volumes] + ([masks] if masks else []), record, mask_paths,
-                               preprocess, min_brain_fraction, slice_range, image_size)
+    return write_volume_layout(entries, out, overwrite=overwrite, sources=[volumes] + ([masks] if masks else []),
+                               record=record, mask_paths=mask_paths, preprocess=preprocess,
+                               min_brain_fraction=min_brain_fraction, slice_range=slice_range, image_size=image_size)
 
 
-def prepare_bids(root, out, rules, diseased, session=None, run=None, min_brain_fraction=0.3, slices=None,
+def prepare_bids(root, out, rules, diseased, *, session=None, run=None, min_brain_fraction=0.3, slices=None,
                  image_size=192, overwrite=False, preprocess=None):
     """A BIDS dataset -> the layout, by rules over participants.tsv (bids_layout.py); writes split.csv too."""
     from brainomaly.data import bids_layout
@@ -150,8 +151,9 @@ def prepare_bids(root, out, rules, diseased, session=None, run=None, min_brain_f
     record = preparation_record.make_record("bids", min_brain_fraction, slice_text(slice_range), image_size, None,
                                             preprocess)
     entries = [(s.participant, s.scan, s.folder) for s in selections]
-    return write_volume_layout(entries, out, overwrite, [root], record, None, preprocess, min_brain_fraction,
-                               slice_range, image_size, bids_layout.split_rows(selections, root))
+    return write_volume_layout(entries, out, overwrite=overwrite, sources=[root], record=record, preprocess=preprocess,
+                               min_brain_fraction=min_brain_fraction, slice_range=slice_range, image_size=image_size,
+                               split_rows=bids_layout.split_rows(selections, root))
 
 
 def preprocess_one(scan, out_dir, preprocess):
@@ -285,12 +287,13 @@ def run(argv=None):
         if preprocess is not None:
             preprocessing.require_ants()
     if args.command == "nifti":
-        prepare_nifti(args.volumes, args.split, args.out, args.masks, args.min_brain_fraction, args.slices,
-                      args.image_size, args.overwrite, preprocess)
+        prepare_nifti(args.volumes, args.split, args.out, masks=args.masks, min_brain_fraction=args.min_brain_fraction,
+                      slices=args.slices, image_size=args.image_size, overwrite=args.overwrite, preprocess=preprocess)
     elif args.command == "bids":
         rules = {"healthy": args.healthy, "mixed": args.mixed, **({"test": args.test} if args.test else {})}
-        prepare_bids(args.root, args.out, rules, args.diseased, args.session, args.run, args.min_brain_fraction,
-                     args.slices, args.image_size, args.overwrite, preprocess)
+        prepare_bids(args.root, args.out, rules, args.diseased, session=args.session, run=args.run,
+                     min_brain_fraction=args.min_brain_fraction, slices=args.slices, image_size=args.image_size,
+                     overwrite=args.overwrite, preprocess=preprocess)
     elif args.command == "preprocess":
         preprocess_one(args.scan, args.out, preprocess)
     elif args.command == "kaggle":

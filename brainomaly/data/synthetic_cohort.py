@@ -320,7 +320,7 @@ def check_output(out_dir, overwrite):
         raise UserError(f"output path {out_dir} is a file.\nFix: choose a folder path.")
 
 
-def make_cohort(out_dir, mixed=80, disease_share=0.4, healthy=80, test_pos=40, test_neg=40, image_size=128,
+def make_cohort(out_dir, *, mixed=80, disease_share=0.4, healthy=80, test_pos=40, test_neg=40, image_size=128,
                 n_slices=8, severity=(0.4, 1.0), seed=0, lesions=False, overwrite=False, progress=True, nifti=False,
                 scanner_model=ScannerModel()):
     """Write the cohort under out_dir and return the manifest rows (dicts with MANIFEST_COLUMNS)."""
@@ -418,9 +418,10 @@ def parse_args(argv):
 def run(argv=None):
     args = parse_args(argv)
     started = time.time()
-    rows = make_cohort(args.out_dir, args.mixed, args.disease_share, args.healthy, args.test_pos, args.test_neg,
-                       args.image_size, args.slices, tuple(args.severity), args.seed, args.lesions, args.overwrite,
-                       nifti=args.nifti, scanner_model=ScannerModel(args.csf_signal, args.gamma_sd,
+    rows = make_cohort(args.out_dir, mixed=args.mixed, disease_share=args.disease_share, healthy=args.healthy,
+                       test_pos=args.test_pos, test_neg=args.test_neg, image_size=args.image_size,
+                       n_slices=args.slices, severity=tuple(args.severity), seed=args.seed, lesions=args.lesions,
+                       overwrite=args.overwrite, nifti=args.nifti, scanner_model=ScannerModel(args.csf_signal, args.gamma_sd,
                                                                     tuple(args.noise), args.bias))
     if args.contact_sheet:
         contact_sheet(args.contact_sheet, image_size=args.image_size)

@@ -10,8 +10,8 @@ from brainomaly.data import dataset_layout
 from brainomaly.evaluate.protocols import NEPTUNE_KEYS, PROTOCOLS, print_result, run_protocol
 from brainomaly.run import checkpoint as ckpt
 from brainomaly.run import run_layout
-from brainomaly.run.checkpoint import replace_config
 from brainomaly.run.networks import resolve_iteration
+from brainomaly.run.settings import replace_config
 from brainomaly.run.training_log import start_neptune
 
 

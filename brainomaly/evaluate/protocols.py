@@ -24,7 +24,7 @@ from brainomaly.data import dataset_layout, healthy_split
 from brainomaly.evaluate import scoring
 from brainomaly.evaluate.scoring_networks import load_for_scoring
 from brainomaly.run import cache_keys, run_layout
-from brainomaly.run.checkpoint import replace_config
+from brainomaly.run.settings import replace_config
 from brainomaly.run.training_log import log_protocol
 
 

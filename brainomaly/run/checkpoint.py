@@ -12,7 +12,6 @@ A stage-1 checkpoint ITER is complete when ITER-G.ckpt exists: save_set writes i
 and a save that fails removes the whole set, so every reader (resume 'latest', scoring, the sweep over 'all')
 that asks for G never meets a half-written one. ITER-R.ckpt is written the same way, after ITER-R-state.
 """
-import argparse
 import contextlib
 import io
 import os
@@ -22,6 +21,7 @@ import torch
 
 from brainomaly.atomic_files import write_bytes
 from brainomaly.errors import UserError
+from brainomaly.run.settings import replace_config
 
 CHECKPOINT_PATTERN = re.compile(r"^(\d+)-(G|D|state|R|R-state)\.ckpt$")
 
@@ -84,11 +84,6 @@ def missing_checkpoint_error(model_dir, iteration, part, what, flag="ITER"):
     return UserError(f"missing checkpoint {missing} ({what}).\n"
                      f"Saved iterations in {model_dir}: {listing}.\nFix: pass one of them as {flag}"
                      + ("." if existing else ", or train first (bash train.sh NAME)."))
-
-
-def replace_config(config, **changes):
-    """A copy of the config namespace with some values changed; the caller's config stays as it was."""
-    return argparse.Namespace(**{**vars(config), **changes})
 
 
 def reconciled_config(config, saved, keys, path):

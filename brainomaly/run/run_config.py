@@ -19,8 +19,8 @@ from brainomaly.data import healthy_split
 from brainomaly.data.healthy_split import KNOWN_HEALTHY_KEY, patient_ids
 from brainomaly.errors import UserError
 from brainomaly.run import checkpoint as ckpt
-from brainomaly.run.checkpoint import replace_config
 from brainomaly.run.run_layout import write_json
+from brainomaly.run.settings import replace_config
 from diffusion_refiner import REFINER_ARCHITECTURE_FLAGS
 from model import ARCHITECTURE_FLAGS
 

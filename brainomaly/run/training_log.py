@@ -7,7 +7,7 @@ import torch
 
 from brainomaly import distributed, visualize
 from brainomaly.errors import UserError
-from brainomaly.run.checkpoint import replace_config
+from brainomaly.run.settings import replace_config
 
 
 class TrainingLogger:

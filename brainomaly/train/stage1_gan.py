@@ -12,7 +12,6 @@ import os
 
 import torch
 from torch.profiler import record_function as region
-from tqdm import tqdm
 
 import data_loader
 from brainomaly import distributed, seeds, visualize
@@ -23,7 +22,7 @@ from brainomaly.run import run_config
 from brainomaly.run.networks import build_stage1, model_path, refuse_to_overwrite, saved_config
 from brainomaly.run.training_log import TrainingLogger
 from brainomaly.train.ema import EMA
-from brainomaly.train.training_loop import FiniteCheck, adam
+from brainomaly.train.training_loop import FiniteCheck, TrainingLoop, adam
 from model import ARCHITECTURE_FLAGS, healthy_reconstruction
 
 
@@ -69,20 +68,69 @@ def set_learning_rates(config, optimizers, iteration):
             group["lr"] = lr
 
 
-def save_stage1(config, iteration, generator, g_ema, critic, g_optimizer, d_optimizer, streams, noise_generator):
-    saved = saved_config(config)
-    scored = generator if g_ema is None else g_ema.model
-    # G last: ITER-G.ckpt marks checkpoint ITER complete for scoring and for resume (checkpoint.save_set)
+class Stage1State:
+    """What stage 1 carries from one iteration to the next: G, the EMA of its weights, the critic, both optimisers,
+    the mixed- and healthy-set streams, the gradient penalty's noise generator and the iteration reached.
+
+    state_dict() holds all of it as the checkpoint files do ("critic": ITER-D.ckpt, "scored_generator": ITER-G.ckpt,
+    "training": ITER-state.ckpt), so load_state_dict(state_dict()) continues the run exactly. train_generator and
+    train_critic are the networks a step runs: the plain ones, or their DDP and torch.compile wrappers after wrap()."""
+
+    def __init__(self, *, generator, critic, g_optimizer=None, d_optimizer=None, g_ema=None, streams=(),
+                 noise_generator=None, iteration=0):
+        self.generator, self.critic, self.g_ema = generator, critic, g_ema
+        self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
+        self.streams, self.noise_generator, self.iteration = tuple(streams), noise_generator, iteration
+        self.train_generator, self.train_critic = generator, critic
+
+    @property
+    def scored_generator(self):
+        """What samples, checkpoints and scoring use: the EMA of G's weights, or G itself without one (--g_ema 0)."""
+        return self.generator if self.g_ema is None else self.g_ema.model
+
+    def wrap(self, runtime):
+        """Run the steps through DDP (and --compile's critic). Call it after a restore: DDP copies rank 0's
+        weights to every rank when it is built."""
+        self.train_generator = runtime.wrapped(self.generator)
+        self.train_critic = runtime.compiled(distributed.wrap(self.critic, runtime.device))
+
+    def state_dict(self):
+        return {
+            "critic": self.critic.state_dict(),
+            "scored_generator": self.scored_generator.state_dict(),
+            "training": {"iteration": self.iteration, "g_optimizer": self.g_optimizer.state_dict(),
+                         "d_optimizer": self.d_optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                         "noise_generator": self.noise_generator.get_state(),
+                         "streams": [s.state_dict() for s in self.streams], "generator": self.generator.state_dict(),
+                         "g_ema_updates": None if self.g_ema is None else self.g_ema.num_updates},
+        }
+
+    def load_state_dict(self, state):
+        training = state["training"]
+        # checkpoints written before the generator EMA hold the raw G in ITER-G.ckpt only
+        self.generator.load_state_dict(training.get("generator", state["scored_generator"]))
+        if self.g_ema is not None:
+            self.g_ema.model.load_state_dict(state["scored_generator"])
+            self.g_ema.num_updates = training.get("g_ema_updates") or 0
+        self.critic.load_state_dict(state["critic"])
+        self.g_optimizer.load_state_dict(training["g_optimizer"])
+        self.d_optimizer.load_state_dict(training["d_optimizer"])
+        torch.set_rng_state(training["torch_rng"])
+        self.noise_generator.set_state(training["noise_generator"])
+        for stream, stream_state in zip(self.streams, training["streams"]):
+            stream.load_state_dict(stream_state)
+        self.iteration = training["iteration"]
+
+
+def save_stage1(config, state):
+    """Checkpoint state.iteration: ITER-D.ckpt, ITER-state.ckpt and, last, ITER-G.ckpt, which marks the checkpoint
+    complete for scoring and for resume (checkpoint.save_set)."""
+    saved, parts, iteration = saved_config(config), state.state_dict(), state.iteration
     ckpt.save_set([
-        ({"state_dict": critic.state_dict(), "config": saved, "iteration": iteration},
-         model_path(config, iteration, "D")),
-        ({"iteration": iteration, "g_optimizer": g_optimizer.state_dict(), "d_optimizer": d_optimizer.state_dict(),
-          "torch_rng": torch.get_rng_state(), "noise_generator": noise_generator.get_state(),
-          "streams": [s.state_dict() for s in streams], "generator": generator.state_dict(),
-          "g_ema_updates": None if g_ema is None else g_ema.num_updates},
-         model_path(config, iteration, "state")),
-        ({"state_dict": scored.state_dict(), "config": saved, "iteration": iteration,
-          "weights": "raw" if g_ema is None else f"ema {g_ema.decay}"}, model_path(config, iteration, "G")),
+        ({"state_dict": parts["critic"], "config": saved, "iteration": iteration}, model_path(config, iteration, "D")),
+        (parts["training"], model_path(config, iteration, "state")),
+        ({"state_dict": parts["scored_generator"], "config": saved, "iteration": iteration,
+          "weights": "raw" if state.g_ema is None else f"ema {state.g_ema.decay}"}, model_path(config, iteration, "G")),
     ], "stage-1 checkpoint")
 
 
@@ -103,31 +151,24 @@ def resume_iteration(config):
     return iteration
 
 
-def restore_stage1(config, iteration, g_saved, generator, g_ema, critic, g_optimizer, d_optimizer, streams,
-                   noise_generator):
-    state = ckpt.load(model_path(config, iteration, "state"))
-    # checkpoints written before the generator EMA hold the raw G in ITER-G.ckpt only
-    generator.load_state_dict(state.get("generator", g_saved["state_dict"]))
-    if g_ema is not None:
-        g_ema.model.load_state_dict(g_saved["state_dict"])
-        g_ema.num_updates = state.get("g_ema_updates") or 0
-    critic.load_state_dict(ckpt.load(model_path(config, iteration, "D"))["state_dict"])
-    g_optimizer.load_state_dict(state["g_optimizer"])
-    d_optimizer.load_state_dict(state["d_optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    noise_generator.set_state(state["noise_generator"])
-    for stream, stream_state in zip(streams, state["streams"]):
-        stream.load_state_dict(stream_state)
+def restore_stage1(config, state, iteration, g_saved):
+    """Load checkpoint ITER into state (g_saved: its ITER-G.ckpt, already read); returns ITER."""
+    state.load_state_dict({"critic": ckpt.load(model_path(config, iteration, "D"))["state_dict"],
+                           "scored_generator": g_saved["state_dict"],
+                           "training": ckpt.load(model_path(config, iteration, "state"))})
     distributed.main_print(f"Resumed stage 1 from iteration {iteration} in {config.model_save_dir}.")
     return iteration
 
 
-def train_step(runtime, config, generator, critic, g_optimizer, d_optimizer, x_mixed, x_healthy, alpha,
-               update_generator, lambda_id=None, gp_weight=None):
-    """One stage-1 iteration: a critic update, and a generator update when update_generator. Returns losses.
-    lambda_id: the identity weight of this iteration (default --lambda_id); gp_weight: the penalty's weight this
-    step (default --lambda_gp; 0 skips the penalty: lazy regularisation's steps in between)."""
+def train_step(runtime, config, state, x_mixed, x_healthy, alpha, *, update_generator, lambda_id=None,
+               gp_weight=None):
+    """One stage-1 iteration on state's networks and optimisers: a critic update, and a generator update when
+    update_generator. Returns losses. lambda_id: the identity weight of this iteration (default --lambda_id);
+    gp_weight: the penalty's weight this step (default --lambda_gp; 0 skips the penalty: lazy regularisation's steps
+    in between)."""
     c = config
+    generator, critic = state.train_generator, state.train_critic
+    g_optimizer, d_optimizer = state.g_optimizer, state.d_optimizer
     lambda_id = c.lambda_id if lambda_id is None else lambda_id
     gp_weight = c.lambda_gp if gp_weight is None else gp_weight
     # =================== Train the critic =================== #
@@ -208,23 +249,34 @@ def non_finite_error(config, iteration, losses):
                      f"Fix: lower --g_lr/--d_lr or raise --lambda_gp, then --resume_iters latest.")
 
 
-def train(runtime, config):
-    """Stage 1: WGAN-GP with real = known-healthy H, fake = tanh(x_M + G(x_M)), plus identity L1 on H."""
-    c = config
-    resume_from = None if c.resume_iters is None else resume_iteration(c)
-    changes = None
+def stage1_settings(runtime, config, resume_from, g_saved):
+    """The settings stage 1 trains with, built once, and what a resume changed in them (for config.json's history):
+    the flags; on a resume the checkpoint's architecture and the run's recorded settings, unless typed; the
+    known-healthy split (a new run draws it once; config.json and every checkpoint keep it); the fast path (bf16 /
+    channels_last: a resume keeps the run's choice; a new run probes, cached in the models folder). The dataset is
+    checked before anything is drawn from it."""
+    c, changes = config, None
     if resume_from is not None:
         # Build with the checkpoint's architecture before anything else; every other setting is the run's
         g_path = model_path(c, resume_from, "G")
-        g_saved = ckpt.load(g_path)
         c = ckpt.reconciled_config(c, g_saved["config"], ARCHITECTURE_FLAGS, g_path)
         c, changes = run_config.continue_run(c, run_config.saved_run_settings(c.model_save_dir, g_saved["config"]),
                                              f"stage 1 from iteration {resume_from}")
     else:
         refuse_to_overwrite(c, "G", "resume it with --resume_iters latest")
+    dataset_check.check_dataset(c.image_dir, c.batch_size * runtime.world_size, healthy_holdout=c.healthy_holdout,
+                                seed=c.seed)
+    c = run_config.with_known_healthy_split(c)
+    c = runtime.settle_fast_path(c, g_saved["config"] if resume_from is not None else None)
+    return c, changes
+
+
+def train(runtime, config):
+    """Stage 1: WGAN-GP with real = known-healthy H, fake = tanh(x_M + G(x_M)), plus identity L1 on H."""
+    resume_from = None if config.resume_iters is None else resume_iteration(config)
+    g_saved = ckpt.load(model_path(config, resume_from, "G")) if resume_from is not None else None
+    c, changes = stage1_settings(runtime, config, resume_from, g_saved)
     ranks = runtime.world_size
-    dataset_check.check_dataset(c.image_dir, c.batch_size * ranks, healthy_holdout=c.healthy_holdout, seed=c.seed)
-    c = run_config.with_known_healthy_split(c)  # a new run draws it once; config.json and every checkpoint keep it
     max_shift = round(c.augment_shift * c.image_size)
     mixed = data_loader.training_stream(dataset_layout.mixed_set_paths(c.image_dir), c.image_size, c.batch_size,
                                         seeds.seed(c.seed, "mixed_set"), c.preload, **runtime.stream_options(),
@@ -239,19 +291,16 @@ def train(runtime, config):
     if ranks > 1:
         distributed.main_print(f"Stage 1: {ranks} ranks x batch {c.batch_size} = global batch {ranks * c.batch_size} "
                                f"mixed + as many healthy slices.")
-    # bf16 / channels_last: a resume keeps the run's choice; a new run probes (cached in the models folder)
-    c = runtime.settle_fast_path(c, g_saved["config"] if resume_from is not None else None)
     seeds.seed_weights(c.seed)
     generator, critic = build_stage1(runtime, c)
-    g_ema = EMA(generator, c.g_ema) if c.g_ema > 0 else None
-    scored_generator = generator if g_ema is None else g_ema.model  # what the samples and checkpoints show
-    g_optimizer = adam(generator.parameters(), c.g_lr, (c.beta1, c.beta2), c, runtime.device)
-    d_optimizer = adam(critic.parameters(), c.d_lr, (c.beta1, c.beta2), c, runtime.device)
-    noise_generator = torch.Generator().manual_seed(seeds.seed(c.seed, "gradient_penalty"))
-    start = 0
+    state = Stage1State(generator=generator, critic=critic, g_ema=EMA(generator, c.g_ema) if c.g_ema > 0 else None,
+                        g_optimizer=adam(generator.parameters(), c.g_lr, (c.beta1, c.beta2), c, runtime.device),
+                        d_optimizer=adam(critic.parameters(), c.d_lr, (c.beta1, c.beta2), c, runtime.device),
+                        streams=(mixed, healthy),
+                        noise_generator=torch.Generator().manual_seed(seeds.seed(c.seed, "gradient_penalty")))
     if resume_from is not None:
-        start = restore_stage1(c, resume_from, g_saved, generator, g_ema, critic, g_optimizer, d_optimizer,
-                               (mixed, healthy), noise_generator)
+        restore_stage1(c, state, resume_from, g_saved)
+    start = state.iteration
     writes = runtime.is_main  # rank 0 alone writes checkpoints, samples and logs
     if writes:
         run_config.write_run_config(c, saved_config(c), changes, f"stage 1, iteration {start}")
@@ -262,44 +311,37 @@ def train(runtime, config):
     fixed_mixed, fixed_healthy = (torch.stack([slice_files.load_slice(p, c.image_size) for p in paths[:n_samples]])
                                   for paths in (mixed.paths, healthy.paths))
     # --compile: the critic's plain passes are compiled; train_step runs the gradient penalty eagerly.
-    # Wrapped after the restore: DDP copies rank 0's weights to every rank when it is built.
-    train_generator, train_critic = runtime.wrapped(generator), runtime.compiled(distributed.wrap(critic, runtime.device))
-    logger = TrainingLogger(c, "stage1")
-    finite = FiniteCheck(c.deferred_finite_check, lambda iteration, values: non_finite_error(c, iteration, values))
+    state.wrap(runtime)
+    loop = TrainingLoop(runtime=runtime, start=start, total=c.num_iters, desc="stage 1",
+                        logger=TrainingLogger(c, "stage1"),
+                        finite=FiniteCheck(c.deferred_finite_check,
+                                           lambda iteration, values: non_finite_error(c, iteration, values)))
     losses = {}
-    progress = tqdm(range(start, c.num_iters), initial=start, total=c.num_iters, desc="stage 1", unit="it",
-                    disable=not writes)
-    for i in progress:
-        set_learning_rates(c, ((g_optimizer, c.g_lr), (d_optimizer, c.d_lr)), i)
+    for i in loop:
+        set_learning_rates(c, ((state.g_optimizer, c.g_lr), (state.d_optimizer, c.d_lr)), i)
         x_mixed = next(mixed).to(runtime.device, non_blocking=True)
         x_healthy = next(healthy).to(runtime.device, non_blocking=True)
         update_generator = generator_steps(c, i)
         # drawn for the global batch, this rank's rows kept: every rank's generator stays in step
         alpha = distributed.rank_slice(torch.rand(c.batch_size * ranks, 1, 1, 1,
-                                                  generator=noise_generator)).to(runtime.device)
-        step_losses = train_step(runtime, c, train_generator, train_critic, g_optimizer, d_optimizer,
-                                 x_mixed, x_healthy, alpha, update_generator, identity_weight(c, i),
-                                 penalty_weight(c, i))
-        if ranks > 1:  # means over ranks: every rank logs, and stops on a non-finite loss, alike
-            step_losses = dict(zip(step_losses, distributed.mean(torch.stack([v.detach().float()
-                                                                              for v in step_losses.values()]))))
-        losses.update(step_losses)
-        if update_generator and g_ema is not None:
+                                                  generator=state.noise_generator)).to(runtime.device)
+        losses.update(loop.mean_over_ranks(train_step(runtime, c, state, x_mixed, x_healthy, alpha,
+                                                      update_generator=update_generator,
+                                                      lambda_id=identity_weight(c, i), gp_weight=penalty_weight(c, i))))
+        if update_generator and state.g_ema is not None:
             # the unwrapped G: the same weights on every rank (the same averaged gradients), so the same EMA
-            g_ema.update(generator)
+            state.g_ema.update(generator)
+        step = state.iteration = i + 1
         # eager: checked now; --deferred_finite_check: read below, before anything is logged or saved
-        finite.add(i + 1, {"D": losses["D/loss"], "G": losses["G/loss"] if update_generator else None})
-        step = i + 1
-        if step % c.log_step == 0 or step == c.num_iters:
-            finite.check()
-            logger.log({k: v.item() for k, v in losses.items() if not k.endswith("/loss")}, step, progress)
-        if writes and (step % c.sample_step == 0 or step == c.num_iters):
-            finite.check()
-            logger.log_image("samples/stage1", save_samples(runtime, c, scored_generator, fixed_mixed,
-                                                            fixed_healthy, step), step)
-        if writes and (step % c.model_save_step == 0 or step == c.num_iters):
-            finite.check()
-            save_stage1(c, step, generator, g_ema, critic, g_optimizer, d_optimizer, (mixed, healthy),
-                        noise_generator)
-    logger.close()
+        loop.add(step, {"D": losses["D/loss"], "G": losses["G/loss"] if update_generator else None})
+        if loop.due(step, c.log_step):
+            loop.log(step, {k: v.item() for k, v in losses.items() if not k.endswith("/loss")})
+        if writes and loop.due(step, c.sample_step):
+            loop.check()
+            loop.logger.log_image("samples/stage1", save_samples(runtime, c, state.scored_generator, fixed_mixed,
+                                                                 fixed_healthy, step), step)
+        if writes and loop.due(step, c.model_save_step):
+            loop.check()
+            save_stage1(c, state)
+    loop.close()
     distributed.main_print(f"Stage 1 done: checkpoints in {c.model_save_dir}, samples in {c.sample_dir}.")

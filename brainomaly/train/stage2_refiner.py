@@ -8,7 +8,6 @@ in shards and summed, and rank 0 alone writes checkpoints, the check's JSON and 
 import os
 
 import torch
-from tqdm import tqdm
 
 import data_loader
 from brainomaly import decisions, distributed, metrics, seeds
@@ -23,7 +22,7 @@ from brainomaly.run import run_config, run_layout
 from brainomaly.run.networks import build_refiner, load_generator, model_path, resolve_iteration, saved_config
 from brainomaly.run.training_log import TrainingLogger
 from brainomaly.train.ema import EMA
-from brainomaly.train.training_loop import FiniteCheck, adam
+from brainomaly.train.training_loop import FiniteCheck, TrainingLoop, adam
 from diffusion_refiner import REFINER_ARCHITECTURE_FLAGS
 from model import healthy_reconstruction
 
@@ -150,34 +149,50 @@ def report_holdout_check(check, config, iteration):
                           run_layout.refiner_check(config.result_dir, iteration))
 
 
-def save_stage2(config, iteration, step, diffusion, ema, optimizer, stream, noise_generator, check=None,
-                final=False):
+class Stage2State:
+    """What stage 2 carries from one iteration to the next: the refiner, the EMA of its weights (what is scored), the
+    optimiser, the healthy-set stream, the diffusion noise generator and the refiner iteration reached (step).
+    state_dict() is what ITER-R-state.ckpt holds besides the config; load_state_dict(state_dict()) continues
+    exactly."""
+
+    def __init__(self, *, diffusion, ema, optimizer, stream, noise_generator, step=0):
+        self.diffusion, self.ema, self.optimizer = diffusion, ema, optimizer
+        self.stream, self.noise_generator, self.step = stream, noise_generator, step
+
+    def state_dict(self):
+        return {"state_dict": self.diffusion.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "noise_generator": self.noise_generator.get_state(),
+                "stream": self.stream.state_dict(), "refiner_iteration": self.step}
+
+    def load_state_dict(self, state):
+        self.diffusion.load_state_dict(state["state_dict"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.noise_generator.set_state(state["noise_generator"])
+        self.stream.load_state_dict(state["stream"])
+        self.step = state["refiner_iteration"]
+
+
+def save_stage2(config, iteration, state, *, check=None, final=False):
     """ITER-R-state (raw weights, EMA, optimiser, stream position, noise generator); when training has ended
     (final), then ITER-R (EMA weights and the held-out check). Periodic saves write no ITER-R, so scoring never
     picks up a half-trained refiner that has not passed the held-out check."""
     saved = saved_config(config)
-    ckpt.atomic_save({"state_dict": diffusion.state_dict(), "ema": ema.state_dict(),
-                      "optimizer": optimizer.state_dict(), "noise_generator": noise_generator.get_state(),
-                      "stream": stream.state_dict(), "refiner_iteration": step, "config": saved},
-                     model_path(config, iteration, "R-state"), "refiner training state")
+    ckpt.atomic_save({**state.state_dict(), "config": saved}, model_path(config, iteration, "R-state"),
+                     "refiner training state")
     if not final:
         return
     # R last: scoring treats ITER-R.ckpt as "the refiner of ITER exists". When writing it fails, the complete
     # ITER-R-state of the last step stays: --resume_iters latest goes straight to the check and this save.
-    ckpt.atomic_save({"state_dict": ema.model.state_dict(), "config": saved, "refines": iteration,
-                      "refiner_iteration": step, "holdout_check": check}, model_path(config, iteration, "R"),
+    ckpt.atomic_save({"state_dict": state.ema.model.state_dict(), "config": saved, "refines": iteration,
+                      "refiner_iteration": state.step, "holdout_check": check}, model_path(config, iteration, "R"),
                      "refiner checkpoint")
 
 
-def restore_stage2(config, iteration, diffusion, ema, optimizer, stream, noise_generator):
-    """Load what save_stage2 wrote for ITER; returns the refiner iteration to continue from."""
-    state = ckpt.load(model_path(config, iteration, "R-state"))
-    diffusion.load_state_dict(state["state_dict"])
-    ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    noise_generator.set_state(state["noise_generator"])
-    stream.load_state_dict(state["stream"])
-    start = state["refiner_iteration"]
+def restore_stage2(config, iteration, state):
+    """Load what save_stage2 wrote for ITER into state; returns the refiner iteration to continue from."""
+    state.load_state_dict(ckpt.load(model_path(config, iteration, "R-state")))
+    start = state.step
     if isinstance(config.resume_iters, int) and config.resume_iters != start:
         # train.sh hands stage 1's --resume_iters N to stage 2 too; the refiner keeps only its latest state
         distributed.main_print(f"(--resume_iters {config.resume_iters} names a stage-1 checkpoint; stage 2 keeps "
@@ -221,49 +236,46 @@ def train_refiner(runtime, config):
     seeds.seed_weights(c.seed)
     diffusion = build_refiner(runtime, c)
     diffusion.residual_scale.fill_(residual_std(runtime, generator, healthy))
-    ema = EMA(diffusion, c.refiner_ema)
-    optimizer = adam(diffusion.parameters(), c.refiner_lr, (0.9, 0.999), c, runtime.device)
-    noise_generator = torch.Generator(runtime.device).manual_seed(seeds.seed(c.seed, "refiner_noise"))
-    start = 0
-    if resume:
-        start = restore_stage2(c, iteration, diffusion, ema, optimizer, healthy, noise_generator)
+    state = Stage2State(diffusion=diffusion, ema=EMA(diffusion, c.refiner_ema),
+                        optimizer=adam(diffusion.parameters(), c.refiner_lr, (0.9, 0.999), c, runtime.device),
+                        stream=healthy,
+                        noise_generator=torch.Generator(runtime.device).manual_seed(seeds.seed(c.seed, "refiner_noise")))
+    start = restore_stage2(c, iteration, state) if resume else 0
     if ranks > 1:
         distributed.main_print(f"Stage 2: {ranks} ranks x batch {c.refiner_batch_size} = global batch "
                                f"{ranks * c.refiner_batch_size} healthy slices.")
     # Wrapped after the restore: DDP copies rank 0's weights to every rank when it is built.
     train_diffusion = runtime.wrapped(diffusion)
     writes = runtime.is_main  # rank 0 alone writes checkpoints, the check and logs
-    logger = TrainingLogger(c, f"stage2-{iteration}")
-    finite = FiniteCheck(c.deferred_finite_check, lambda step, _: UserError(
-        f"non-finite refiner loss at stage-2 iteration {step}; the last good refiner checkpoint stays in "
-        f"{c.model_save_dir}.\nFix: lower --refiner_lr."))
-    progress = tqdm(range(start, c.refiner_iters), initial=start, total=c.refiner_iters,
-                    desc=f"stage 2 (refining G@{iteration})", unit="it", disable=not writes)
-    for i in progress:
+    loop = TrainingLoop(runtime=runtime, start=start, total=c.refiner_iters, desc=f"stage 2 (refining G@{iteration})",
+                        logger=TrainingLogger(c, f"stage2-{iteration}"),
+                        finite=FiniteCheck(c.deferred_finite_check, lambda step, _: UserError(
+                            f"non-finite refiner loss at stage-2 iteration {step}; the last good refiner checkpoint "
+                            f"stays in {c.model_save_dir}.\nFix: lower --refiner_lr.")))
+    for i in loop:
         x = next(healthy).to(runtime.device, non_blocking=True)
-        loss = refiner_step(runtime, generator, train_diffusion, optimizer, x, noise_generator)
-        if ranks > 1:  # the mean over ranks: every rank logs, and stops on a non-finite loss, alike
-            loss = distributed.mean(loss)
-        ema.update(diffusion)  # the unwrapped refiner: the same weights on every rank
-        finite.add(i + 1, {"R": loss})  # --deferred_finite_check: read before the log and every save
-        step = i + 1
+        loss = loop.mean_over_ranks({"R": refiner_step(runtime, generator, train_diffusion, state.optimizer, x,
+                                                        state.noise_generator)})["R"]
+        state.ema.update(diffusion)  # the unwrapped refiner: the same weights on every rank
+        step = state.step = i + 1
+        loop.add(step, {"R": loss})  # --deferred_finite_check: read before the log and every save
         if writes and step == start + 5 and c.refiner_iters > step:
-            rate = progress.format_dict["rate"] or 0
+            rate = loop.progress.format_dict["rate"] or 0
             if rate:
                 print(f"stage 2: {c.refiner_iters} iterations, about "
                       f"{(c.refiner_iters - step) / rate / 60:.1f} min at {rate:.2f} it/s")
-        if step % c.log_step == 0 or step == c.refiner_iters:
-            finite.check()
-            logger.log({"R/loss_diffusion": loss.item()}, step, progress)
+        if loop.due(step, c.log_step):
+            loop.log(step, {"R/loss_diffusion": loss.item()})
         if writes and step % c.model_save_step == 0 and step < c.refiner_iters:
-            finite.check()
-            save_stage2(c, iteration, step, diffusion, ema, optimizer, healthy, noise_generator)
-    finite.check()
-    logger.close()
+            loop.check()
+            save_stage2(c, iteration, state)
+    loop.check()
+    loop.close()
     correction = intensity_correction.for_checkpoint(runtime, c, iteration, generator, trained_with)
-    check = holdout_check(runtime, c, iteration, generator, ema.model, held_out, correction, bar)  # every rank: its shard
+    check = holdout_check(runtime, c, iteration, generator, state.ema.model, held_out, correction, bar)  # every rank: its shard
     if not writes:
         return
-    save_stage2(c, iteration, c.refiner_iters, diffusion, ema, optimizer, healthy, noise_generator, check, final=True)
+    state.step = c.refiner_iters
+    save_stage2(c, iteration, state, check=check, final=True)
     report_holdout_check(check, c, iteration)
     print(f"Stage 2 done: {r_path} refines {model_path(c, iteration, 'G')}.")

@@ -1,7 +1,10 @@
-"""What both training stages share: Adam, and the check that stops training at the first non-finite loss."""
+"""What both training stages share: Adam, the check that stops training at the first non-finite loss, and the loop
+skeleton (progress bar, means over ranks, finite checks, when to log)."""
 
 import torch
+from tqdm import tqdm
 
+from brainomaly import distributed
 from brainomaly.errors import UserError
 
 
@@ -43,3 +46,51 @@ class FiniteCheck:
             return
         iteration, losses = pending[int((~flags).nonzero()[0])]
         raise self.describe_failure(iteration, {k: v.item() for k, v in losses.items()})
+
+
+class TrainingLoop:
+    """The loop both stages run: iterations start .. total - 1 under a progress bar (rank 0's), each step's losses
+    averaged over the ranks (so that every rank logs, and stops on a non-finite loss, alike), checked for non-finite
+    values (FiniteCheck, eager or --deferred_finite_check), and logged every --log_step and at the end.
+
+        loop = TrainingLoop(runtime=..., config=..., start=..., total=..., desc=..., logger=..., finite=...)
+        for i in loop:
+            losses = loop.mean_over_ranks(step(...)); loop.add(i + 1, {...})
+            if loop.due(i + 1, config.log_step): loop.log(i + 1, {...})
+            if writes and loop.due(i + 1, config.model_save_step): loop.check(); save(...)
+        loop.close()
+    """
+
+    def __init__(self, *, runtime, start, total, desc, logger, finite):
+        self.ranks, self.total, self.logger, self.finite = runtime.world_size, total, logger, finite
+        self.progress = tqdm(range(start, total), initial=start, total=total, desc=desc, unit="it",
+                             disable=not runtime.is_main)
+
+    def __iter__(self):
+        return iter(self.progress)
+
+    def mean_over_ranks(self, losses):
+        """{name: scalar tensor} averaged over the ranks (the same dict with one rank)."""
+        if self.ranks == 1:
+            return losses
+        return dict(zip(losses, distributed.mean(torch.stack([v.detach().float() for v in losses.values()]))))
+
+    def add(self, step, losses):
+        """Hand step's losses ({name: scalar tensor or None}) to the finite check."""
+        self.finite.add(step, losses)
+
+    def due(self, step, every):
+        """Whether something done every `every` steps (logging, samples, checkpoints) is due at step: its
+        multiples, and the last step."""
+        return step % every == 0 or step == self.total
+
+    def check(self):
+        """Stop at the first non-finite loss so far (before anything is logged or saved)."""
+        self.finite.check()
+
+    def log(self, step, values):
+        self.check()
+        self.logger.log(values, step, self.progress)
+
+    def close(self):
+        self.logger.close()

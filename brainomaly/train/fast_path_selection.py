@@ -22,6 +22,8 @@ import time
 import torch
 
 from brainomaly.atomic_files import atomic_output
+from brainomaly.run.networks import build_stage1
+from brainomaly.train import stage1_gan
 
 PROBE_FILE = "fast_path_probe.json"
 PROBE_MAX_BATCH = 8  # slices per probe batch: the run's batch up to this (at 4 the probe missed channels_last's gain)
@@ -116,10 +118,6 @@ def probe_seconds(config, device, modes, rounds=PROBE_ROUNDS):
     the run's networks at the run's sizes (at most PROBE_MAX_BATCH slices per batch); one untimed iteration each
     first (oneDNN builds its kernels then), then `rounds` timed ones, interleaved so a busy moment of the machine
     hits every candidate alike. The global random state is left as it was: a run is the same probed or cached."""
-    from brainomaly.run.networks import (
-        build_stage1,  # the run's own networks (imported here: networks imports this module's users)
-    )
-    from brainomaly.train.stage1_gan import train_step
     c = config
     batch = max(1, min(c.batch_size, PROBE_MAX_BATCH))
     with torch.random.fork_rng(devices=[]):
@@ -136,7 +134,8 @@ def probe_seconds(config, device, modes, rounds=PROBE_ROUNDS):
 
         def iteration(mode):
             runtime, generator, critic, g_opt, d_opt = setups[mode]
-            train_step(runtime, c, generator, critic, g_opt, d_opt, x_mixed, x_healthy, alpha, True)
+            state = stage1_gan.Stage1State(generator=generator, critic=critic, g_optimizer=g_opt, d_optimizer=d_opt)
+            stage1_gan.train_step(runtime, c, state, x_mixed, x_healthy, alpha, update_generator=True)
 
         for mode in modes:
             iteration(mode)
