@@ -1,6 +1,6 @@
 """Where a stage-1 iteration's time goes: torch.profiler over bench/benchmark.py's stage-1 workload (one cycle of the
-training loop's schedule of stage1_training.train_step, with the EMA update), grouped into the parts of the step
-and into kinds of operator.
+training loop's schedule of train_step in brainomaly/train/stage1_gan.py, with the EMA update), grouped into the
+parts of the step and into kinds of operator.
 
     python bench/profile_stage1.py --bf16 on --image_size 64 --batch_size 8 --g_conv_dim 64 --d_conv_dim 64 \
         --g_repeat_num 6 --d_repeat_num 5 --map_init identity --json bench/results/profile.json

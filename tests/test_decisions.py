@@ -1,5 +1,5 @@
-"""The label-free decisions (decisions.py): the paired patient bootstrap, the checkpoint-selection rules and the
-refiner's check, on recorded scores alone (no networks)."""
+"""The label-free decisions (brainomaly/decisions.py): the paired patient bootstrap, the checkpoint-selection rules
+and the refiner's check, on recorded scores alone (no networks)."""
 import numpy as np
 import pytest
 from scipy.stats import norm

@@ -1,4 +1,5 @@
-"""prepare_data.py: NIfTI volumes, the Kaggle tree and split CSVs become the layout the trainer reads."""
+"""prepare_data.py (brainomaly/data/nifti_volumes.py, layout_staging.py, slice_importers.py, prepare_command.py):
+NIfTI volumes, the Kaggle tree and split CSVs become the layout the trainer reads."""
 import csv
 import os
 import subprocess

@@ -144,7 +144,7 @@ def test_refiner_explains_the_healthy_residual_and_keeps_a_planted_blob(one_thre
     torch.manual_seed(0)
     size, g = 16, torch.Generator().manual_seed(0)
     diffusion = ResidualDiffusion(RefinerUNet(1, 16, (1,), 1, 0, 2), timesteps=1000)
-    # as stage2_training: the diffusion runs on r0 / std(r0) of the healthy residuals
+    # as brainomaly/train/stage2_refiner.py: the diffusion runs on r0 / std(r0) of the healthy residuals
     diffusion.residual_scale.fill_(float(healthy_residual(smooth_images(64, size, g)).std()))
     optimizer = torch.optim.Adam(diffusion.parameters(), 3e-3)
     for _ in range(REFINER_STEPS):

@@ -15,7 +15,8 @@ ITERATIONS = 4  # two critic-only and two critic+generator iterations (n_critic 
 
 
 def run_stage1(*flags):
-    """Losses of every iteration and the final weights of stage1_training.train_step on fixed tiny batches."""
+    """Losses of every iteration and the final weights of brainomaly/train/stage1_gan.py's train_step on fixed tiny
+    batches."""
     from brainomaly.run.networks import build_stage1
     from brainomaly.train.stage1_gan import Stage1State, train_step
     from brainomaly.train.training_loop import adam
