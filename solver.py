@@ -1,7 +1,8 @@
 """Solver: picks the device and precision once, then hands --mode to the module that does that job:
-stage1_training (Brainomaly GAN), stage2_training (residual diffusion refiner), protocols (inductive,
-transductive, AUCp, all scored through scoring.py) and score_folder (new scans). Training holds the run folder's
-lock (run_lock) while it runs."""
+brainomaly/train/stage1_gan.py (Brainomaly GAN), stage2_refiner.py (residual diffusion refiner),
+brainomaly/evaluate/checkpoint_selection.py (the protocols inductive, transductive and AUCp at one checkpoint or
+all, scored through scoring.py) and score_folder.py (new scans). Training holds the run folder's lock (run_lock)
+while it runs."""
 import contextlib
 
 import torch
@@ -47,9 +48,9 @@ class Runtime:
         self.preload_device = self.device if getattr(config, "preload_on_device", False) else None
 
     def settle_fast_path(self, config, saved=None):
-        """Decide bf16 and channels_last once per process (fast_path_selection.py): take the run's choice from `saved` (a
-        checkpoint's or config.json's config) where it has one, else resolve it (a CPU probe, cached in
-        --model_save_dir). Prints the choice and why once; returns config with it as config.fast_path, for
+        """Decide bf16 and channels_last once per process (brainomaly/train/fast_path_selection.py): take the run's
+        choice from `saved` (a checkpoint's or config.json's config) where it has one, else resolve it (a CPU probe,
+        cached in --model_save_dir). Prints the choice and why once; returns config with it as config.fast_path, for
         config.json and the checkpoints. Call it before the networks are built."""
         if self.fast_path is None:
             note = None
@@ -117,4 +118,4 @@ class Solver:
             score_folder.score_folder(runtime, config)
         elif mode == "check_data":
             dataset_check.check_dataset(config.image_dir, config.batch_size, full=True,
-                                      healthy_holdout=config.healthy_holdout, seed=config.seed)
+                                        healthy_holdout=config.healthy_holdout, seed=config.seed)

@@ -71,8 +71,7 @@ def run_split(root, training_config, unset_fraction=0.0):
     --seed (unset_fraction: for a run from before --healthy_holdout, which held none out)."""
     recorded = training_config.get(KNOWN_HEALTHY_KEY)
     if not recorded:
-        return draw_split(root, training_config.get("healthy_holdout", unset_fraction),
-                                               training_config.get("seed", 0))
+        return draw_split(root, training_config.get("healthy_holdout", unset_fraction), training_config.get("seed", 0))
     folder = os.path.join(root, dataset_layout.HEALTHY_FOLDER)
     paths = dataset_layout.require_images(root, dataset_layout.HEALTHY_FOLDER)
     present = set(patient_ids(paths))

@@ -421,8 +421,8 @@ def run(argv=None):
     rows = make_cohort(args.out_dir, mixed=args.mixed, disease_share=args.disease_share, healthy=args.healthy,
                        test_pos=args.test_pos, test_neg=args.test_neg, image_size=args.image_size,
                        n_slices=args.slices, severity=tuple(args.severity), seed=args.seed, lesions=args.lesions,
-                       overwrite=args.overwrite, nifti=args.nifti, scanner_model=ScannerModel(args.csf_signal, args.gamma_sd,
-                                                                    tuple(args.noise), args.bias))
+                       overwrite=args.overwrite, nifti=args.nifti,
+                       scanner_model=ScannerModel(args.csf_signal, args.gamma_sd, tuple(args.noise), args.bias))
     if args.contact_sheet:
         contact_sheet(args.contact_sheet, image_size=args.image_size)
     subjects = len({row["pid"] for row in rows})

@@ -5,6 +5,7 @@ import os
 from brainomaly import decisions, distributed
 from brainomaly.errors import UserError
 from brainomaly.run import checkpoint as ckpt
+from brainomaly.run import run_layout
 from diffusion_refiner import REFINER_ARCHITECTURE_FLAGS, RefinerUNet, ResidualDiffusion
 from model import ARCHITECTURE_FLAGS, Discriminator, Generator
 
@@ -84,9 +85,11 @@ def load_refiner(runtime, config, iteration):
     reconstruction = decisions.scored_reconstruction(choice, has_refiner, check)
     if reconstruction != decisions.Reconstruction.REFINED:
         if choice == "auto" and has_refiner:
-            distributed.main_print(f"WARNING: the refiner of checkpoint {iteration} failed its held-out check "
-                                   f"({decisions.describe_check(check)}), so --refiner auto scores with the "
-                                   f"{reconstruction} reconstruction. --refiner on forces the refiner.")
+            # one line: stage 2 printed the check in full, with its warning, when the refiner was trained
+            distributed.main_print(f"Checkpoint {iteration}: --refiner auto scores the {reconstruction} reconstruction "
+                                   f"(its refiner failed its held-out check, "
+                                   f"{run_layout.refiner_check(config.result_dir, iteration)}; "
+                                   f"--refiner on forces the refiner).")
         return None, config, str(reconstruction)
     config = ckpt.reconciled_config(config, saved["config"], REFINER_ARCHITECTURE_FLAGS, path)
     diffusion = build_refiner(runtime, config)

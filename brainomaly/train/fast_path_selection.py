@@ -9,8 +9,8 @@ plain fp32 NCHW only when it is clearly faster, so auto never picks a slower pat
 per machine (CPU, torch version, threads) and sizes in MODEL_SAVE_DIR/fast_path_probe.json, and the choice is
 written into config.json and every checkpoint's config, where a resume, stage 2 and scoring take it from.
 
-Also here, the other speed options that do not change the maths: the CPU heap setting (--keep_freed_memory) and torch.compile
-(--compile)."""
+Also here, the other speed options that do not change the maths: the CPU heap setting (--keep_freed_memory) and
+torch.compile (--compile)."""
 import ctypes
 import ctypes.util
 import json
@@ -100,7 +100,7 @@ def candidates(bf16, channels_last, bf16_hardware):
 
 
 class _ProbeRuntime:
-    """What networks.build_stage1 and stage1_training.train_step need of a Runtime: prepare and autocast."""
+    """What networks.build_stage1 and stage1_gan.train_step need of a Runtime: prepare and autocast."""
 
     def __init__(self, device, bf16, channels_last):
         self.device, self.bf16, self.channels_last = device, bf16, channels_last

@@ -214,7 +214,7 @@ def train_refiner(runtime, config):
         return
     ranks = runtime.world_size
     dataset_check.check_dataset(c.image_dir, c.refiner_batch_size * ranks, batch_flag="--refiner_batch_size",
-                              mixed_in_batches=False)  # the refiner trains on known-healthy slices alone
+                                mixed_in_batches=False)  # the refiner trains on known-healthy slices alone
     iteration, bar = refine_from_iteration(runtime, c)
     generator, c, trained_with = load_generator(runtime, c, iteration)
     r_path, state_path = model_path(c, iteration, "R"), model_path(c, iteration, "R-state")
@@ -239,7 +239,8 @@ def train_refiner(runtime, config):
     state = Stage2State(diffusion=diffusion, ema=EMA(diffusion, c.refiner_ema),
                         optimizer=adam(diffusion.parameters(), c.refiner_lr, (0.9, 0.999), c, runtime.device),
                         stream=healthy,
-                        noise_generator=torch.Generator(runtime.device).manual_seed(seeds.seed(c.seed, "refiner_noise")))
+                        noise_generator=torch.Generator(runtime.device).manual_seed(
+                            seeds.seed(c.seed, "refiner_noise")))
     start = restore_stage2(c, iteration, state) if resume else 0
     if ranks > 1:
         distributed.main_print(f"Stage 2: {ranks} ranks x batch {c.refiner_batch_size} = global batch "
@@ -254,8 +255,8 @@ def train_refiner(runtime, config):
                             f"stays in {c.model_save_dir}.\nFix: lower --refiner_lr.")))
     for i in loop:
         x = next(healthy).to(runtime.device, non_blocking=True)
-        loss = loop.mean_over_ranks({"R": refiner_step(runtime, generator, train_diffusion, state.optimizer, x,
-                                                        state.noise_generator)})["R"]
+        loss = refiner_step(runtime, generator, train_diffusion, state.optimizer, x, state.noise_generator)
+        loss = loop.mean_over_ranks({"R": loss})["R"]
         state.ema.update(diffusion)  # the unwrapped refiner: the same weights on every rank
         step = state.step = i + 1
         loop.add(step, {"R": loss})  # --deferred_finite_check: read before the log and every save
@@ -272,7 +273,8 @@ def train_refiner(runtime, config):
     loop.check()
     loop.close()
     correction = intensity_correction.for_checkpoint(runtime, c, iteration, generator, trained_with)
-    check = holdout_check(runtime, c, iteration, generator, state.ema.model, held_out, correction, bar)  # every rank: its shard
+    # every rank: its shard
+    check = holdout_check(runtime, c, iteration, generator, state.ema.model, held_out, correction, bar)
     if not writes:
         return
     state.step = c.refiner_iters
