@@ -43,16 +43,10 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from brainomaly import (
-    fast_path_selection,  # noqa: E402
-    seeds,  # noqa: E402
-)
+from brainomaly import seeds  # noqa: E402
 from brainomaly.evaluate import scoring  # noqa: E402
 from brainomaly.run import networks  # noqa: E402
-from brainomaly.train import (
-    stage1_gan,  # noqa: E402
-    stage2_refiner,  # noqa: E402
-)
+from brainomaly.train import fast_path_selection, stage1_gan, stage2_refiner  # noqa: E402
 from brainomaly.train.ema import EMA  # noqa: E402
 from brainomaly.train.training_loop import adam  # noqa: E402
 from main import parse_config, str2bool  # noqa: E402
