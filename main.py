@@ -211,6 +211,11 @@ def build_parser():
                    help="score mode, NIfTI input: the scans are already prepared as the training data were; slice "
                         "them without repeating the preparation the run recorded (prepare.json), or score scans "
                         "for a run that recorded none (its data were sliced by other tools)")
+    e.add_argument("--prepared_size", type=int, default=None,
+                   help="score mode, NIfTI input with --prepared on a run without prepare.json (required there): "
+                        "the side in pixels of the training slices as they were written (prepare_data.py's or "
+                        "make_cohort.py's --image_size); each scan is sliced at that size, then resized to "
+                        "--image_size as the training slices were (a run with prepare.json uses its recorded size)")
     e.add_argument("--min_brain_fraction", type=float, default=None,
                    help="score mode, NIfTI input with --prepared on a run without prepare.json: keep axial slices "
                         "with at least this fraction of the largest slice's brain area (default 0.3; otherwise "

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_FLAGS
 from test_protocols import REPO, read_csv, run
 
-from brainomaly.data import nifti_volumes, prepare_command
+from brainomaly.data import nifti_volumes, preparation_record, prepare_command
 from brainomaly.data.dataset_layout import slice_filename
 from brainomaly.data.slice_files import load_slice
 from brainomaly.errors import UserError
@@ -115,7 +115,78 @@ def test_scored_slices_are_the_prepare_data_slices_pixel_for_pixel(tmp_path):
     pngs = [str(tmp_path / "data" / "train/pos" / slice_filename("sub-a", k)) for k in prepared.indices]
     assert sorted(os.listdir(tmp_path / "data" / "train/pos")) == [os.path.basename(p) for p in pngs]
     expected = torch.stack([load_slice(p, 32) for p in pngs])
-    assert torch.equal(volume_scoring.slice_batch(prepared), expected)
+    assert torch.equal(volume_scoring.slice_batch(prepared, 32), expected)
+
+
+def prepared_run(tmp_path, prepare_size):
+    """(scan path, dataset folder, model folder): one scan prepared by prepare_data.py nifti at prepare_size into
+    train/pos, and the run's model folder holding its prepare.json (as stage 1 copies it)."""
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    path = write(stored_as(ras_image(texture=40.0), "LPS"), volumes / "sub-a.nii.gz")
+    split = tmp_path / "split.csv"
+    split.write_text("file,folder\nsub-a.nii.gz,pos\n")
+    assert prepare_command.main(["nifti", "--volumes", str(volumes), "--split", str(split), "--out",
+                                 str(tmp_path / "data"), "--image_size", str(prepare_size)]) == 0
+    models = tmp_path / "run" / "models"
+    models.mkdir(parents=True)
+    preparation_record.copy_into_run(str(tmp_path / "data"), str(models))
+    return path, tmp_path / "data", models
+
+
+@pytest.mark.parametrize("prepare_size", [48, 24])
+def test_score_mode_scores_the_tensors_training_read_when_slices_were_prepared_at_another_size(tmp_path,
+                                                                                            prepare_size):
+    """Slices written at 48 (or 24) px by prepare_data.py, a model trained at 32: the loader pads the 48 px PNG and
+    resizes it to 32, and score mode must hand the model exactly those tensors for the same scan."""
+    path, data, models = prepared_run(tmp_path, prepare_size)
+    preparation = preparation_record.for_scoring(str(models), prepared=False)
+    seen = []
+
+    def recording_maps(batch, names):
+        seen.append(batch.clone())
+        return (batch[:, 0] + 1) / 2
+
+    rows, _ = volume_scoring.score_volumes([path], recording_maps, 32, str(tmp_path / "s.csv"), 0.5,
+                                           preparation=preparation)
+    trained_on = sorted(os.listdir(data / "train/pos"))
+    expected = torch.stack([load_slice(str(data / "train/pos" / name), 32) for name in trained_on])
+    scored = torch.cat(seen)
+    assert scored.shape == expected.shape == (len(trained_on), 1, 32, 32)
+    assert (scored - expected).abs().max() <= 1e-6
+    assert rows[0]["n_slices"] == len(trained_on)
+    assert nib.load(str(tmp_path / "s" / "sub-a_anomaly.nii.gz")).shape == nib.load(path).shape
+
+
+def test_a_centre_map_lands_on_the_centre_voxel_when_slices_were_prepared_at_another_size(tmp_path):
+    path, _, models = prepared_run(tmp_path, 48)
+    preparation = preparation_record.for_scoring(str(models), prepared=False)
+
+    def centre_maps(batch, names):
+        maps = torch.zeros(batch.shape[0], *batch.shape[-2:])
+        side = batch.shape[-1]
+        maps[:, side // 2 - 1:side // 2 + 1, side // 2 - 1:side // 2 + 1] = 1.0
+        return maps
+
+    volume_scoring.score_volumes([path], centre_maps, 32, str(tmp_path / "c.csv"), 0.5, preparation=preparation)
+    data = nib.load(str(tmp_path / "c" / "sub-a_anomaly.nii.gz")).get_fdata()
+    k = nifti_volumes.prepare_volume(path, image_size=48).indices[0]
+    plane = data[:, :, k]
+    rows, cols = np.nonzero(plane >= 0.5 * plane.max())
+    assert abs(rows.mean() - (SHAPE[0] - 1) / 2) <= 1.0 and abs(cols.mean() - (SHAPE[1] - 1) / 2) <= 1.0
+
+
+def test_prepared_scans_on_a_run_without_a_record_need_the_slice_size(tmp_path):
+    with pytest.raises(UserError) as caught:
+        preparation_record.for_scoring(str(tmp_path), prepared=True)
+    assert "--prepared_size" in str(caught.value) and str(tmp_path / "prepare.json") in str(caught.value)
+    given = preparation_record.for_scoring(str(tmp_path), prepared=True, prepared_size=40)
+    assert given.slice_size == 40
+    _, _, models = prepared_run(tmp_path, 48)
+    assert preparation_record.for_scoring(str(models), prepared=False).slice_size == 48
+    assert preparation_record.for_scoring(str(models), prepared=True, prepared_size=48).slice_size == 48
+    with pytest.raises(UserError, match="drop --prepared_size"):
+        preparation_record.for_scoring(str(models), prepared=True, prepared_size=64)
 
 
 def bad_volumes(folder):
@@ -202,6 +273,9 @@ def test_score_sh_on_a_nifti_scan_writes_csv_map_and_overlay(toy_dataset, tmp_pa
     assert unknown.returncode == 2 and "records no preparation" in unknown.stderr and "--prepared" in unknown.stderr
     assert not (tmp_path / "runs/Toy/results/2/refined/scores_sub-01.csv").exists()
     flags.append("--prepared")
+    sizeless = run([*score, "scans/sub-01.nii.gz", *flags], work)
+    assert sizeless.returncode == 2 and "--prepared_size" in sizeless.stderr, sizeless.stderr[-3000:]
+    flags += ["--prepared_size", "40"]  # the toy slices are 40 px PNGs
     one = run([*score, "scans/sub-01.nii.gz", *flags], work)
     assert one.returncode == 0, one.stderr[-3000:]
     results = tmp_path / "runs/Toy/results/2/refined"
@@ -212,7 +286,7 @@ def test_score_sh_on_a_nifti_scan_writes_csv_map_and_overlay(toy_dataset, tmp_pa
         healthy = json.load(f)["healthy_patient_scores"]
     threshold = np.percentile(healthy, 95)
     assert rows[0]["flagged"] == str(int(float(rows[0]["score"]) > threshold)), (rows[0], threshold)
-    assert int(rows[0]["n_slices"]) == len(nifti_volumes.prepare_volume(str(scans / "sub-01.nii.gz"), image_size=32)
+    assert int(rows[0]["n_slices"]) == len(nifti_volumes.prepare_volume(str(scans / "sub-01.nii.gz"), image_size=40)
                                            .indices)
     out = nib.load(str(results / "scores_sub-01" / "sub-01_anomaly.nii.gz"))
     assert out.shape == image.shape and np.allclose(out.affine, image.affine) and out.get_fdata().max() > 0

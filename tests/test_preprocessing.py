@@ -126,8 +126,8 @@ def test_a_run_without_a_record_refuses_nifti_scans_unless_prepared(tmp_path):
     with pytest.raises(UserError, match="records no preparation") as caught:
         preparation_record.for_scoring(str(tmp_path), prepared=False)
     assert "--prepared" in str(caught.value)
-    given = preparation_record.for_scoring(str(tmp_path), prepared=True, min_brain_fraction=0.5)
-    assert given.min_brain_fraction == 0.5 and given.preprocess is None
+    given = preparation_record.for_scoring(str(tmp_path), prepared=True, min_brain_fraction=0.5, prepared_size=32)
+    assert given.min_brain_fraction == 0.5 and given.preprocess is None and given.slice_size == 32
 
 
 def test_a_slicing_flag_that_differs_from_the_record_is_refused(tmp_path):

@@ -72,14 +72,33 @@ class ScoringPreparation:
     preprocess: object = None     # the run's preprocessing.PreprocessSettings, None when it recorded none
     repeat_preprocessing: bool = False  # False with --prepared: scans are on the template grid already
     description: str = "sliced as given"
+    slice_size: int = None        # side of the training slices as written to PNG; None: the network's --image_size
 
 
-def for_scoring(model_dir, prepared, min_brain_fraction=None, slices=None):
+def no_record_preparation(path, min_brain_fraction, slices, prepared_size):
+    """--prepared on a run without prepare.json: the slicing flags as given, and the slice size, which must be."""
+    from brainomaly.data.nifti_volumes import parse_slices
+    if prepared_size is None:
+        raise UserError(f"this run records no preparation of its training data ({path} is missing), so the size its "
+                        f"slices were written at is unknown; a scan's slices must be made at that size and resized "
+                        f"as the loader resized the training slices, or the score is not comparable.\nFix: add "
+                        f"--prepared_size N, the side in pixels of the training slices (the --image_size given to "
+                        f"prepare_data.py or make_cohort.py, e.g. 128 for make_cohort.py's default).")
+    fraction = 0.3 if min_brain_fraction is None else min_brain_fraction
+    return ScoringPreparation(fraction, parse_slices(slices) if slices else None, slice_size=prepared_size,
+                              description="as given (--prepared): sliced without further preparation")
+
+
+def for_scoring(model_dir, prepared, min_brain_fraction=None, slices=None, prepared_size=None):
     """The ScoringPreparation of a run (its model folder's prepare.json) and the score-mode flags.
 
     By default a scan is prepared exactly as the training data were; a run without a record refuses NIfTI scans
-    unless --prepared, and recorded values are never silently replaced by flags that differ."""
+    unless --prepared (then --prepared_size is required), and recorded values are never silently replaced by flags
+    that differ."""
     from brainomaly.data.nifti_volumes import parse_slices
+    if prepared_size is not None and prepared_size < 8:
+        raise UserError(f"--prepared_size {prepared_size} is too small.\nFix: give the side in pixels of the "
+                        f"training slices, e.g. 192.")
     path = os.path.join(model_dir, RECORD_NAME)
     record = read_record(path)
     if record is None:
@@ -87,31 +106,35 @@ def for_scoring(model_dir, prepared, min_brain_fraction=None, slices=None):
             raise UserError(f"this run records no preparation of its training data ({path} is missing): its slices "
                             f"were not made from NIfTI scans by prepare_data.py nifti or bids, so score mode cannot "
                             f"repeat that preparation.\nFix: if the scans are prepared as the training data were "
-                            f"(skull stripping, registration, bias correction), add --prepared (then pass the "
-                            f"--min_brain_fraction or --slices the slices were chosen with); otherwise build the "
-                            f"training data with prepare_data.py nifti or bids and train again.")
-        fraction = 0.3 if min_brain_fraction is None else min_brain_fraction
-        return ScoringPreparation(fraction, parse_slices(slices) if slices else None,
-                                  description="as given (--prepared): sliced without further preparation")
+                            f"(skull stripping, registration, bias correction), add --prepared --prepared_size N "
+                            f"(N: the side in pixels of the training slices; then pass the --min_brain_fraction or "
+                            f"--slices the slices were chosen with); otherwise build the training data with "
+                            f"prepare_data.py nifti or bids and train again.")
+        return no_record_preparation(path, min_brain_fraction, slices, prepared_size)
     recorded_range = parse_slices(record["slices"]) if record.get("slices") else None
     recorded_fraction = record.get("min_brain_fraction")
-    given = {"--min_brain_fraction": (min_brain_fraction, recorded_fraction),
-             "--slices": (parse_slices(slices) if slices else None, recorded_range)}
-    for flag, (value, recorded) in given.items():
+    recorded_size = record.get("image_size")
+    if recorded_size is None:
+        raise UserError(f"{path} records no image_size, the size the training slices were written at.\nFix: restore "
+                        f"the {RECORD_NAME} that prepare_data.py wrote into the dataset folder the run was trained on.")
+    # flag: (value given, value it means, recorded value, record key)
+    given = {"--min_brain_fraction": (min_brain_fraction, min_brain_fraction, recorded_fraction, "min_brain_fraction"),
+             "--slices": (slices, parse_slices(slices) if slices else None, recorded_range, "slices"),
+             "--prepared_size": (prepared_size, prepared_size, recorded_size, "image_size")}
+    for flag, (text, value, recorded, key) in given.items():
         if value is not None and value != recorded:
-            shown = record.get(flag.lstrip("-"))
-            raise UserError(f"{flag} {min_brain_fraction if flag == '--min_brain_fraction' else slices} differs from "
-                            f"the training data's preparation ({flag.lstrip('-')} {shown}, recorded in {path}).\n"
-                            f"Fix: drop {flag}: score mode repeats the recorded preparation.")
+            raise UserError(f"{flag} {text} differs from the training data's preparation ({key} "
+                            f"{record.get(key)}, recorded in {path}).\nFix: drop {flag}: score mode repeats the "
+                            f"recorded preparation.")
     settings = record.get("preprocess")
     if settings is None:
-        return ScoringPreparation(recorded_fraction, recorded_range,
+        return ScoringPreparation(recorded_fraction, recorded_range, slice_size=recorded_size,
                                   description="as the training data (prepare.json: no preprocessing)")
     from brainomaly.data import preprocessing
     recorded = preprocessing.PreprocessSettings.from_record(settings)
     if prepared:
         return ScoringPreparation(recorded_fraction, recorded_range, recorded, False, "as given (--prepared): on "
-                                  "the template grid, sliced with the template's brain mask")
+                                  "the template grid, sliced with the template's brain mask", recorded_size)
     ants = preprocessing.require_ants()
     if settings.get("antspyx") and settings["antspyx"] != ants.__version__:
         print(f"warning: the training data were preprocessed with antspyx {settings['antspyx']}, these scans are "
@@ -119,4 +142,4 @@ def for_scoring(model_dir, prepared, min_brain_fraction=None, slices=None):
               f"{settings['antspyx']} to repeat it exactly).", file=sys.stderr)
     return ScoringPreparation(recorded_fraction, recorded_range, recorded, True, f"as the training data "
                               f"(prepare.json: N4, {settings['registration']} registration to "
-                              f"{settings['template']}, template brain mask)")
+                              f"{settings['template']}, template brain mask)", recorded_size)

@@ -74,15 +74,15 @@ def output_paths(folder, pid, preprocessed=False):
     return paths + ((os.path.join(folder, f"{pid}_brain_mask.nii.gz"),) if preprocessed else ())
 
 
-def slice_batch(prepared):
-    """(N, 1, S, S) tensor in [-1, 1] of a prepared volume: its PNG pixels through the one slice loader."""
-    return torch.stack([preprocess(to_8bit(image).astype(np.float32) / 255.0, image.shape[0])
+def slice_batch(prepared, image_size):
+    """(N, 1, S, S) tensor in [-1, 1] of a prepared volume: its PNG pixels (at the size prepare_data wrote them)
+    through the one slice loader, which pads, crops and resizes them to image_size as it did the training slices."""
+    return torch.stack([preprocess(to_8bit(image).astype(np.float32) / 255.0, image_size)
                         for image in prepared.slices])
 
 
-def uncrop_map(anomaly_map):
-    """Undo data_loader.preprocess on an (S, S) map of a square S x S slice: S -> S + 2 pad, drop the pad."""
-    side = anomaly_map.shape[-1]
+def uncrop_map(anomaly_map, side):
+    """Undo slice_files.preprocess on an (S, S) map of a square side x side slice: S -> side + 2 pad, drop the pad."""
     grown = F.interpolate(torch.as_tensor(anomaly_map, dtype=torch.float32)[None, None],
                           size=(side + 2 * BORDER_PAD,) * 2, mode="bilinear", align_corners=False)
     return grown[0, 0, BORDER_PAD:-BORDER_PAD, BORDER_PAD:-BORDER_PAD].numpy()
@@ -92,8 +92,9 @@ def canonical_map(prepared, maps):
     """The (N, S, S) slice maps put back into the RAS volume: zero outside the scored slices."""
     volume = np.zeros(prepared.normalised.shape, dtype=np.float32)
     display_shape = prepared.normalised.shape[:2][::-1]  # axial_to_image: rows along y, columns along x
+    side = prepared.slices[0].shape[0]
     for k, anomaly_map in zip(prepared.indices, maps):
-        image = nifti_volumes.unsquare(uncrop_map(anomaly_map), display_shape, prepared.pixel_size)
+        image = nifti_volumes.unsquare(uncrop_map(anomaly_map, side), display_shape, prepared.pixel_size)
         volume[:, :, k] = nifti_volumes.image_to_axial(np.clip(image, 0.0, None))
     return volume
 
@@ -123,10 +124,10 @@ def anomaly_image(source, volume):
     return image
 
 
-def score_volume(prepared, anomaly_maps, batch_size, score_region="head"):
-    """(slice scores (N,), slice maps (N, S, S)) of a prepared volume; slice score = its map's mean over
-    score_region (metrics.slice_scores), as a slice PNG scores."""
-    batch = slice_batch(prepared)
+def score_volume(prepared, anomaly_maps, image_size, batch_size, score_region="head"):
+    """(slice scores (N,), slice maps (N, S, S), S = image_size) of a prepared volume; slice score = its map's mean
+    over score_region (metrics.slice_scores), as a slice PNG scores."""
+    batch = slice_batch(prepared, image_size)
     pid = volume_pid(prepared.path)
     names = [slice_filename(pid, k) for k in prepared.indices]
     maps = []
@@ -156,8 +157,10 @@ def save_overlay(prepared, canonical, path, title):
 
 
 def prepare_for_scoring(path, pid, preparation, work_dir, image_size):
-    """(PreparedVolume, PreprocessedScan or None) of one scan, as preparation says."""
+    """(PreparedVolume, PreprocessedScan or None) of one scan, as preparation says: its slices at the size the
+    training slices were written at (preparation.slice_size; image_size when that is None)."""
     fraction, slice_range = preparation.min_brain_fraction, preparation.slice_range
+    image_size = preparation.slice_size or image_size
     if preparation.preprocess is None or preparation.repeat_preprocessing:
         return prepare_command.prepare_scan(path, pid, None, preparation.preprocess, work_dir, fraction, slice_range,
                                          image_size)
@@ -203,7 +206,7 @@ def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_
                 skipped.append((path, str(err).splitlines()[0]))
                 tqdm.write(f"warning: skipped {path}: {skipped[-1][1]}", file=sys.stderr)
                 continue
-            slice_scores, maps = score_volume(prepared, anomaly_maps, batch_size, score_region)
+            slice_scores, maps = score_volume(prepared, anomaly_maps, image_size, batch_size, score_region)
             patient = metrics.aggregate_patients([pid] * len(slice_scores), slice_scores)
             score = float(patient["score"][0])
             canonical = canonical_map(prepared, maps)
@@ -231,15 +234,19 @@ def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_
 
 
 def scoring_preparation(config):
-    """The ScoringPreparation score mode uses: the run's prepare.json, --prepared, --min_brain_fraction, --slices."""
-    return for_scoring(config.model_save_dir, config.prepared, config.min_brain_fraction, config.slices)
+    """The ScoringPreparation score mode uses: the run's prepare.json, --prepared, --prepared_size,
+    --min_brain_fraction, --slices."""
+    return for_scoring(config.model_save_dir, config.prepared, config.min_brain_fraction, config.slices,
+                       config.prepared_size)
 
 
 def score_volumes_command(volumes, anomaly_maps, config, threshold, csv_path, model_name, preparation):
     """Score mode on NIfTI input: prepare as preparation says, score, write the CSV (run_layout.write_csv), print a
     summary (scans scored, refused with their reasons, time)."""
     started = time.monotonic()
-    print(f"Preparing each scan {preparation.description}.")
+    side = preparation.slice_size or config.image_size
+    print(f"Preparing each scan {preparation.description}; slices made at {side} px and read at "
+          f"{config.image_size} px, as the training slices were.")
     rows, skipped = score_volumes(volumes, anomaly_maps, config.image_size, csv_path, threshold,
                                   config.score_batch_size, preparation, config.score_region)
     write_csv(rows, csv_path)
