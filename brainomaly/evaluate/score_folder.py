@@ -2,16 +2,33 @@
 see volume_scoring.py), with checkpoint ITER and flag the patients above a percentile of the known-healthy set's
 patient scores (a label-free threshold). Under torchrun the ranks share out the slices (scoring.py) and rank 0
 writes the CSV and the panels."""
+import os
 
 import numpy as np
 
 from brainomaly import metrics
 from brainomaly.data import dataset_layout
+from brainomaly.errors import UserError
 from brainomaly.evaluate import scoring, volume_scoring
 from brainomaly.evaluate.protocols import known_healthy_reference
 from brainomaly.evaluate.scoring_networks import load_for_scoring
 from brainomaly.run import run_layout
 from brainomaly.run.networks import resolve_iteration
+
+
+def refuse_shared_patient_ids(paths):
+    """A patient id (the file name before `__`) must name slices in one folder only: the CSV has one row per id, so
+    sub-01 of siteA and sub-01 of siteB would be scored as one patient."""
+    folders = {}
+    for path in paths:
+        pid, folder = dataset_layout.patient_id(path), os.path.dirname(path)
+        first = folders.setdefault(pid, (folder, path))
+        if first[0] != folder:
+            raise UserError(f"patient id {pid} (the file name before `__`) names slices in two folders: {first[0]} "
+                            f"(e.g. {first[1]}) and {folder} (e.g. {path}); one CSV row would mix them.\nFix: if they "
+                            f"are different patients, rename one's slices (e.g. "
+                            f"{os.path.basename(folder)}_{dataset_layout.slice_filename(pid, 0)}) or score each "
+                            f"folder separately; if they are one patient, put all its slices in one folder.")
 
 
 def score_folder(runtime, config):
@@ -20,6 +37,8 @@ def score_folder(runtime, config):
     folder = c.image_dir
     volumes = volume_scoring.find_volumes(folder)
     paths = None if volumes else dataset_layout.list_images_recursive(folder)
+    if paths:
+        refuse_shared_patient_ids(paths)
     # how the scans will be prepared, settled before any network is loaded: a refusal costs nothing
     preparation = volume_scoring.scoring_preparation(c) if volumes else None
     iteration = resolve_iteration(c, c.test_iters)
