@@ -205,8 +205,8 @@ def build_parser():
     e.add_argument("--flag_percentile", type=float, default=95.0,
                    help="score mode: flag patients above this percentile of known-healthy patient scores")
     e.add_argument("--output", type=str, default=None,
-                   help="score mode: CSV to write (default under the run folder); for NIfTI input the anomaly "
-                        "maps go to the folder named like it without .csv")
+                   help="score mode: CSV to write, a name ending in .csv (default under the run folder); for NIfTI "
+                        "input the anomaly maps go to the folder named like it without .csv")
     e.add_argument("--prepared", type=str2bool, nargs="?", const=True, default=False,
                    help="score mode, NIfTI input: the scans are already prepared as the training data were; slice "
                         "them without repeating the preparation the run recorded (prepare.json), or score scans "

@@ -42,3 +42,20 @@ def test_two_folders_with_the_same_patient_id_are_refused_not_merged(toy_run, tm
     err = capsys.readouterr().err
     assert "sub-01" in err and str(tmp_path / "new" / "siteA") in err and str(tmp_path / "new" / "siteB") in err
     assert "Fix:" in err and not output.exists()
+
+
+@pytest.mark.parametrize("name", ["scores", "scores.nii.gz"])
+def test_an_output_that_is_not_a_csv_is_refused_before_any_scan_is_scored(toy_run, tmp_path, capsys, name):
+    _, run_dir = toy_run
+    scan = tmp_path / "sub-01.nii.gz"
+    nib.save(ras_image(), str(scan))
+    flags = ["--prepared", "--prepared_size", "40"]  # the toy slices are 40 px PNGs, not made from scans
+    capsys.readouterr()
+    assert score(run_dir, scan, "--output", str(tmp_path / name), *flags) == 2
+    captured = capsys.readouterr()
+    assert f"--output {tmp_path / name}" in captured.err and ".csv" in captured.err and "Fix:" in captured.err
+    assert "Preparing each scan" not in captured.out
+    assert sorted(os.listdir(tmp_path)) == ["sub-01.nii.gz"]
+    # the corrected command then scores the scan
+    assert score(run_dir, scan, "--output", str(tmp_path / "scores.csv"), *flags) == 0
+    assert os.path.isfile(tmp_path / "scores.csv") and os.path.isfile(tmp_path / "scores" / "sub-01_anomaly.nii.gz")

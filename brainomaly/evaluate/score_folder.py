@@ -35,6 +35,7 @@ def score_folder(runtime, config):
     """Score --image_dir (every image below it, or NIfTI volumes) with --test_iters; one CSV row per patient."""
     c = config
     folder = c.image_dir
+    volume_scoring.require_csv_name(c.output)
     volumes = volume_scoring.find_volumes(folder)
     paths = None if volumes else dataset_layout.list_images_recursive(folder)
     if paths:

@@ -68,6 +68,16 @@ def volume_pid(path):
     return nifti_volumes.strip_nifti_extension(os.path.basename(path))
 
 
+def require_csv_name(output):
+    """--output must end in .csv: NIfTI input writes its maps into the folder named like it without .csv, which
+    would otherwise be the CSV's own path."""
+    if output is not None and not output.lower().endswith(".csv"):
+        stem = nifti_volumes.strip_nifti_extension(output.rstrip("/" + os.sep)) or "scores"
+        raise UserError(f"--output {output} does not end in .csv; score mode writes its CSV there and, for NIfTI "
+                        f"scans, the anomaly maps into the folder named like it without .csv.\nFix: name a .csv "
+                        f"file, e.g. --output {os.path.splitext(stem)[0]}.csv.")
+
+
 def output_paths(folder, pid, preprocessed=False):
     """The anomaly NIfTI, its overlay PNG and, for a preprocessed scan, its brain mask on the scan's grid."""
     paths = (os.path.join(folder, f"{pid}_anomaly.nii.gz"), os.path.join(folder, f"{pid}_anomaly.png"))
@@ -183,6 +193,7 @@ def score_volumes(volumes, anomaly_maps, image_size, csv_path, threshold, batch_
     """Score NIfTI volumes; write each scan's anomaly NIfTI and overlay PNG into the folder named like csv_path
     without .csv. Returns (CSV rows pid, n_slices, score, flagged; [(skipped path, reason)]); the caller writes
     the rows to csv_path (refused up front, like the maps, when it exists)."""
+    require_csv_name(csv_path)
     volume_dir = os.path.splitext(csv_path)[0]
     pids = [volume_pid(p) for p in volumes]
     seen = {}
