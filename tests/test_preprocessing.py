@@ -191,3 +191,38 @@ def test_overwrite_replaces_the_record_of_an_earlier_preparation(tmp_path):
     (tmp_path / "csv_split.csv").write_text("patient_id,class,split\np1,AD_Mixed,\n")
     slice_importers.prepare_csv(str(tmp_path / "csv_split.csv"), str(slices), str(out), overwrite=True)
     assert not (out / "prepare.json").exists()  # it described slices that are gone
+
+
+def snapshot(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_preprocess_refuses_to_replace_an_earlier_scans_outputs(head, tmp_path, capsys):
+    """Two scans with one file name (site-a/sub-01 and site-b/sub-01) into one --out: the second would replace the
+    first's outputs; so would another --template_resolution the template files every scan there was sliced on."""
+    needs_ants()
+    path, _ = head
+    for site in ("site-a", "site-b"):
+        (tmp_path / site).mkdir()
+        os.symlink(path, tmp_path / site / "sub-01.nii.gz")
+    os.symlink(path, tmp_path / "site-b" / "sub-02.nii.gz")
+    out = tmp_path / "prep"
+    assert prepare_command.main(["preprocess", str(tmp_path / "site-a" / "sub-01.nii.gz"), "--out", str(out),
+                                 *FAST]) == 0
+    first = snapshot(out)
+    capsys.readouterr()
+    assert prepare_command.main(["preprocess", str(tmp_path / "site-b" / "sub-01.nii.gz"), "--out", str(out),
+                                 *FAST]) == 2
+    err = capsys.readouterr().err
+    assert str(out / "sub-01_space-MNI152NLin2009aSym_T1w.nii.gz") in err and "Fix:" in err and "--out" in err
+    assert snapshot(out) == first
+    assert prepare_command.main(["preprocess", str(tmp_path / "site-b" / "sub-02.nii.gz"), "--out", str(out),
+                                 "--template_resolution", "2"]) == 2
+    err = capsys.readouterr().err
+    assert str(out / "template_T1w.nii.gz") in err and "--template_resolution" in err
+    assert snapshot(out) == first
+    # another scan at the same resolution joins the folder; the first scan's files and the template stay as they were
+    assert prepare_command.main(["preprocess", str(tmp_path / "site-b" / "sub-02.nii.gz"), "--out", str(out),
+                                 *FAST]) == 0
+    after = snapshot(out)
+    assert {name: after[name] for name in first} == first and "sub-02_brain_mask.nii.gz" in after

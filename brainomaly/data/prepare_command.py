@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 from tqdm import tqdm
 
 from brainomaly.data import preparation_record
@@ -156,19 +157,54 @@ def prepare_bids(root, out, rules, diseased, *, session=None, run=None, min_brai
                                split_rows=bids_layout.split_rows(selections, root))
 
 
+def kept_templates(out_dir, stem, scan, preprocess):
+    """The template files out_dir already holds on this --template_resolution's grid (kept as they are); refuses,
+    before any work, outputs that would replace an earlier scan's (same file name) or another grid's template."""
+    import nibabel as nib
+
+    from brainomaly.data import preprocessing
+    ours = [os.path.join(out_dir, preprocessing.output_name(stem, what))
+            for what in ("template_space", "brain_mask", "affine", "warp", "inverse_warp")]
+    existing = [path for path in ours if os.path.lexists(path)]
+    if existing:
+        raise UserError(f"{out_dir} already holds the outputs of a scan named {stem} (e.g. {existing[0]}); "
+                        f"preprocessing {scan} there would replace them. Nothing was written.\nFix: pass another "
+                        f"--out for this scan, or rename the file (its name without .nii/.nii.gz names the outputs).")
+    template = preprocessing.template_images(preprocess.template_resolution)[0]
+    kept = []
+    for name in ("template_T1w.nii.gz", "template_brain_mask.nii.gz"):
+        path = os.path.join(out_dir, name)
+        if not os.path.lexists(path):
+            continue
+        try:
+            there = nib.load(path)
+            same = there.shape == template.shape and np.allclose(there.affine, template.affine, atol=1e-3)
+        except Exception:  # nibabel raises many types for a broken file: it is not this grid's template
+            same = False
+        if not same:
+            raise UserError(f"{path} is not the {preprocessing.TEMPLATE} template at --template_resolution "
+                            f"{preprocess.template_resolution} (the scans in {out_dir} were preprocessed at another "
+                            f"resolution, on that grid). Nothing was written.\nFix: pass another --out, or the "
+                            f"--template_resolution the scans there were preprocessed with.")
+        kept.append(name)
+    return kept
+
+
 def preprocess_one(scan, out_dir, preprocess):
-    """The single-scan command: N4, registration and brain mask of SCAN into out_dir; nothing is sliced."""
+    """The single-scan command: N4, registration and brain mask of SCAN into out_dir; nothing is sliced, and nothing
+    already in out_dir is replaced."""
     from brainomaly.data import preprocessing
     if not os.path.isfile(scan):
         raise UserError(f"scan {scan} does not exist.\nFix: check the path of the .nii/.nii.gz file.")
     load_volume(scan)
     stem = strip_nifti_extension(os.path.basename(scan))
+    kept = kept_templates(out_dir, stem, scan, preprocess)
     started = time.monotonic()
     staging = tempfile.mkdtemp(prefix=".preprocess-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
     try:
         result = preprocessing.preprocess_scan(scan, staging, stem, preprocess)
         os.makedirs(out_dir, exist_ok=True)
-        for name in sorted(os.listdir(staging)):
+        for name in sorted(set(os.listdir(staging)) - set(kept)):
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
