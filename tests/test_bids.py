@@ -103,7 +103,8 @@ def test_session_flag_picks_that_session_and_subjects_without_sessions_keep_thei
 
 
 @pytest.mark.parametrize("case", ["no participants.tsv", "rule matching nobody", "subject in two sets",
-                                  "T1 missing", "session missing", "healthy subject labelled diseased"])
+                                  "T1 missing", "session missing", "healthy subject labelled diseased",
+                                  "participant_id n/a", "participants.tsv in Latin-1"])
 def test_bad_bids_input_is_one_message_exit_2_and_nothing_written(bids_root, tmp_path, capsys, case):
     root, subjects = bids_root
     rules = list(RULES)
@@ -114,7 +115,11 @@ def test_bad_bids_input_is_one_message_exit_2_and_nothing_written(bids_root, tmp
                 "T1 missing": [f"{BROKEN} has no T1w scan", "Fix: add the scan, or leave"],
                 "session missing": [f"{TWO_SESSIONS} has no T1w scan with session 03 (it has session 01, 02)",
                                     "Fix: pick another --session"],
-                "healthy subject labelled diseased": ["is in the known-healthy set", "Fix:"]}[case]
+                "healthy subject labelled diseased": ["is in the known-healthy set", "Fix:"],
+                "participant_id n/a": [f"{root / 'participants.tsv'} line 4 has no participant_id (n/a)",
+                                       "Fix: give that row its subject's id"],
+                "participants.tsv in Latin-1": [f"{root / 'participants.tsv'} line 3 is not UTF-8 text",
+                                                "Fix: save it as UTF-8", "iconv"]}[case]
     if case == "no participants.tsv":
         os.remove(root / "participants.tsv")
     elif case == "rule matching nobody":
@@ -125,6 +130,15 @@ def test_bad_bids_input_is_one_message_exit_2_and_nothing_written(bids_root, tmp
         rules[1] = "cohort == 'ref' or cohort == 'spare'"
     elif case == "session missing":
         rules += ["--session", "03"]
+    elif case == "participant_id n/a":
+        lines = (root / "participants.tsv").read_text().splitlines()
+        lines[3] = "n/a\t" + lines[3].split("\t", 1)[1]
+        (root / "participants.tsv").write_text("\n".join(lines) + "\n")
+    elif case == "participants.tsv in Latin-1":
+        lines = (root / "participants.tsv").read_text().splitlines()
+        sites = ["site"] + ["Zürich" if number == 2 else "Bern" for number in range(1, len(lines))]
+        text = "\n".join(f"{line}\t{site}" for line, site in zip(lines, sites)) + "\n"
+        (root / "participants.tsv").write_bytes(text.encode("latin-1"))
     else:
         rules[1] = f"cohort == 'ref' or participant_id == '{diseased}'"
         rules[3] = f"cohort == 'pool' and participant_id != '{diseased}'"

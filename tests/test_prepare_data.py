@@ -344,3 +344,23 @@ def test_output_inside_source_is_refused(tmp_path):
     split = write_csv(tmp_path / "AD_DS1.csv", ["patient_id", "class", "split"], ADNI_ROWS)
     with pytest.raises(UserError, match="overlap"):
         slice_importers.prepare_csv(str(split), str(src), str(src / "out"))
+
+
+@pytest.mark.parametrize("command", ["nifti", "csv"])
+def test_a_split_csv_saved_as_cp1252_is_one_message_naming_file_and_line(tmp_path, nifti_inputs, capsys, command):
+    volumes, _, _ = nifti_inputs
+    split = tmp_path / "windows.csv"
+    if command == "nifti":
+        text = "file,folder,note\nsub-ras.nii.gz,pos,ok\nsub-flip.nii,neg,scanner \u2013 caf\u00e9\n"
+        argv = ["nifti", "--volumes", str(volumes)]
+    else:
+        text = "patient_id,class,split,note\np1,AD_Mixed,,ok\np2,NL,train,scanner \u2013 caf\u00e9\n"
+        (tmp_path / "slices").mkdir()
+        argv = ["csv", "--src", str(tmp_path / "slices")]
+    split.write_bytes(text.encode("cp1252"))
+    out = tmp_path / "out"
+    assert prepare_command.main([*argv, "--split", str(split), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {split} line 3 is not UTF-8 text") and "Traceback" not in err
+    assert "Fix: save it as UTF-8" in err and "--split" in err
+    assert not out.exists()

@@ -12,6 +12,7 @@ are one patient: --session and --run pick one, else the first in BIDS order, and
 import os
 from dataclasses import dataclass
 
+from brainomaly.data.layout_staging import not_utf8
 from brainomaly.errors import UserError
 
 SET_FOLDERS = {"healthy": ("train/neg", "train/neg"), "mixed": ("train/pos", "train/neg_mixed"),
@@ -48,11 +49,22 @@ def read_participants(root):
         raise UserError(f"{path} not found: the rules select rows of participants.tsv.\nFix: add a participants.tsv "
                         f"with a participant_id column and the columns your rules use (e.g. group), one row per "
                         f"subject.")
-    table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, dtype={"participant_id": str})
+    try:
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, dtype={"participant_id": str})
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, f"put it in place of {PARTICIPANTS} in --root {root}") from err
     table.columns = [str(c).strip() for c in table.columns]
     if "participant_id" not in table.columns:
         raise UserError(f"{path} has columns {list(table.columns)} but no participant_id.\nFix: name the subject "
                         f"column participant_id, with values like sub-01.")
+    missing = table["participant_id"].isna() | (table["participant_id"].fillna("x").str.strip() == "")
+    if missing.any():
+        with open(path, encoding="utf-8") as handle:
+            lines = [number for number, text in enumerate(handle, start=1) if text.strip()]  # pandas skips blanks
+        row = int(missing.to_numpy().nonzero()[0][0])
+        value = "n/a" if table["participant_id"].isna().iloc[row] else "empty"
+        raise UserError(f"{path} line {lines[row + 1]} has no participant_id ({value}); every row is one subject.\n"
+                        f"Fix: give that row its subject's id (e.g. sub-01, as its folder is named) or remove the row.")
     table["participant_id"] = [p if p.startswith("sub-") else f"sub-{p}" for p in table["participant_id"].str.strip()]
     duplicated = table["participant_id"][table["participant_id"].duplicated()].tolist()
     if duplicated:

@@ -120,14 +120,33 @@ def print_counts(out, counts, unit):
         print(f"  {folder:<16} {images:>7} {unit}{extra}")
 
 
-def read_csv_rows(path, required_any, what):
+def not_utf8(path, how):
+    """The UserError for a text file that is not UTF-8, naming its first such line; how: where the file goes."""
+    with open(path, "rb") as handle:
+        lines = handle.read().split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            name = os.path.basename(path)
+            return UserError(f"{path} line {number} is not UTF-8 text (byte 0x{line[err.start]:02x} at column "
+                             f"{err.start + 1}; saved as Latin-1 or Windows-1252?).\nFix: save it as UTF-8 (a "
+                             f"spreadsheet's Save As 'CSV UTF-8', or iconv -f cp1252 -t utf-8 {name} > utf8-{name}) "
+                             f"and {how}.")
+    return UserError(f"{path} is not UTF-8 text.\nFix: save it as UTF-8 and {how}.")
+
+
+def read_csv_rows(path, required_any, what, flag="--split"):
     """Rows of a CSV as dicts with stripped keys/values; the file must have one of `required_any` columns."""
     if not os.path.isfile(path):
-        raise UserError(f"split CSV {path} not found.\nFix: pass the path of an existing CSV with --split.")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        raise UserError(f"split CSV {path} not found.\nFix: pass the path of an existing CSV with {flag}.")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, f"pass that file with {flag}") from err
     for group in required_any:
         if not any(c in columns for c in group):
             raise UserError(f"{path} has columns {columns}, but {what} needs a column named "
