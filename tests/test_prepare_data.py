@@ -277,6 +277,93 @@ def test_kaggle_missing_class_folder_is_exit_2_naming_it(tmp_path, capsys):
     assert not out.exists()
 
 
+
+def test_kaggle_without_subject_ids_warns_that_each_image_is_its_own_patient(tmp_path, capsys):
+    src = fake_kaggle(tmp_path)
+    assert prepare_command.main(["kaggle", "--src", str(src), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "each image is its own patient" in err and "inflates AUCp and the inductive AUC" in err
+    assert "--subjects" in err
+
+
+def kaggle_subject(split, cls, i):
+    """A made-up grouping of the fake Kaggle images: two images per subject (per split and class); subject tr-h0
+    also has the first healthy test image, so it is in Kaggle's train/ and test/ at once."""
+    if cls == "No Impairment":
+        return "tr-h0" if (split, i) == ("test", 0) else f"{split[:2]}-h{i // 2}"
+    return f"{split[:2]}-d{sorted(c for s, c in KAGGLE_COUNTS if s == split).index(cls)}-{i // 2}"
+
+
+def write_subjects(tmp_path, src, skip=None, relabel=None):
+    rows = []
+    for (split, cls), n in KAGGLE_COUNTS.items():
+        for i in range(n):
+            if (split, cls, i) == skip:
+                continue
+            subject = kaggle_subject(split, cls, i)
+            rows.append([f"{split}/{cls}/{split[:2]} ({i}).jpg", relabel.get((split, cls, i), subject)
+                         if relabel else subject])
+    return write_csv(tmp_path / "subjects.csv", ["image", "subject"], rows)
+
+
+def test_kaggle_subjects_csv_puts_all_of_a_subjects_images_in_one_folder_as_one_patient(tmp_path, capsys):
+    src = fake_kaggle(tmp_path)
+    out = tmp_path / "out"
+    assert prepare_command.main(["kaggle", "--src", str(src), "--out", str(out), "--subjects",
+                                 str(write_subjects(tmp_path, src))]) == 0
+    captured = capsys.readouterr()
+    assert "each image is its own patient" not in captured.err
+    expected = {}
+    for (split, cls), n in KAGGLE_COUNTS.items():
+        for i in range(n):
+            subject = kaggle_subject(split, cls, i)
+            expected[subject] = expected.get(subject, 0) + 1
+    listing = layout_listing(out)
+    folders = {}
+    for folder, names in listing.items():
+        for name in names:
+            assert "__" in name, name  # <subject>__NNN.png: the subject is the patient
+            folders.setdefault(patient_id(name), set()).add(folder)
+    assert set(folders) <= set(expected) and all(len(f) == 1 for f in folders.values())  # one folder per subject
+    written = {pid: sum(patient_id(n) == pid for names in listing.values() for n in names) for pid in folders}
+    assert written == {pid: expected[pid] for pid in folders}  # every image of every subject written
+    # every test subject and every healthy one is written; of the impaired training subjects, what the share needs:
+    # round(0.4 * 2 / 0.6) = 1 subject beside the 2 healthy subjects of the mixed set
+    assert set(expected) - set(folders) == {pid for pid in expected if pid.startswith("tr-d")} - set(folders)
+    assert len([pid for pid, f in folders.items() if f == {"train/pos"}]) == 1
+    assert folders["tr-h0"] == {"test/neg"} and written["tr-h0"] == 3  # it had a test image: all go to test
+    healthy_train = {pid for pid in expected if pid.startswith("tr-h")} - {"tr-h0"}
+    assert {pid for pid, f in folders.items() if f & {"train/neg", "train/neg_mixed"}} == healthy_train
+    assert len([pid for pid in healthy_train if folders[pid] == {"train/neg"}]) == round(0.5 * len(healthy_train))
+    mixed = [pid for pid, f in folders.items() if f & {"train/pos", "train/neg_mixed"}]
+    rho = sum(folders[pid] == {"train/neg_mixed"} for pid in mixed) / len(mixed)
+    assert f"rho = {rho:.3f}" in captured.out  # the healthy share of the mixed set's patients
+    assert "1 subject(s) have images in both train/ and test/" in captured.out
+
+
+@pytest.mark.parametrize("case", ["image missing", "healthy and impaired", "unknown image"])
+def test_a_bad_subjects_csv_is_exit_2_naming_the_row_or_image(tmp_path, capsys, case):
+    src = fake_kaggle(tmp_path)
+    if case == "image missing":
+        subjects = write_subjects(tmp_path, src, skip=("train", "Mild Impairment", 2))
+        expected = ["gives no subject for 1 of the 25 images", "train/Mild Impairment/tr (2).jpg"]
+    elif case == "healthy and impaired":
+        subjects = write_subjects(tmp_path, src, relabel={("train", "Mild Impairment", 0): "tr-h1"})
+        expected = ["subject tr-h1 has images of No Impairment and Mild Impairment"]
+    else:
+        subjects = write_subjects(tmp_path, src)
+        with open(subjects, "a") as handle:
+            handle.write("train/No Impairment/elsewhere.jpg,tr-h9\n")
+        expected = [f"{subjects} row 27", "train/No Impairment/elsewhere.jpg"]
+    out = tmp_path / "out"
+    assert prepare_command.main(["kaggle", "--src", str(src), "--out", str(out), "--subjects", str(subjects)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Fix:" in err and "Traceback" not in err
+    for text in expected:
+        assert text in err, (text, err)
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------ csv
 
 def sliced_tree(root):

@@ -283,7 +283,10 @@ def build_parser():
 
     kaggle = sub.add_parser("kaggle", help="Kaggle 'Best Alzheimer MRI dataset' -> layout",
                             description="Kaggle 'Best Alzheimer MRI dataset' (Combined Dataset/{train,test}/"
-                                        "<class>/*.jpg) -> layout of grayscale PNGs, one patient per image.")
+                                        "<class>/*.jpg) -> layout of grayscale PNGs, one patient per image unless "
+                                        "--subjects says which images belong to one subject (the images carry no "
+                                        "subject ids: without it one subject's slices can be in training, the "
+                                        "held-out known-healthy set and test at once).")
     kaggle.add_argument("--src", required=True, help="the dataset's 'Combined Dataset' folder (holds train/ and test/)")
     kaggle.add_argument("--mixed_disease_share", type=float, default=0.4,
                         help="share of impaired images in the unannotated mixed set train/pos + train/neg_mixed "
@@ -292,6 +295,11 @@ def build_parser():
                         help="share of the training 'No Impairment' images that go to the known-healthy set "
                              "train/neg; the rest go to train/neg_mixed (default 0.5)")
     kaggle.add_argument("--seed", type=int, default=0, help="random seed of the splits (default 0)")
+    kaggle.add_argument("--subjects", default=None,
+                        help="CSV with columns image (its path under --src, e.g. 'train/Mild Impairment/x.jpg', or "
+                             "its file name where unique) and subject, one row per image: each subject becomes one "
+                             "patient <subject>__NNN.png in one folder (in the test set when any of its images is "
+                             "a test image); the shares then count subjects")
 
     from_csv = sub.add_parser("csv", help="ADNI-style split CSV over already-sliced PNGs -> layout",
                               description="Split CSV (patient_id, class, split) + <pid>__NNN.png slices found "
@@ -333,7 +341,8 @@ def run(argv=None):
     elif args.command == "preprocess":
         preprocess_one(args.scan, args.out, preprocess)
     elif args.command == "kaggle":
-        prepare_kaggle(args.src, args.out, args.mixed_disease_share, args.neg_share, args.seed, args.overwrite)
+        prepare_kaggle(args.src, args.out, args.mixed_disease_share, args.neg_share, args.seed, args.overwrite,
+                       subjects=args.subjects)
     else:
         prepare_csv(args.split, args.src, args.out, args.class_map, args.link, args.overwrite)
     return 0

@@ -50,8 +50,78 @@ def kaggle_class_images(src, split, cls):
     return images
 
 
-def kaggle_plan(src, mixed_disease_share=0.4, neg_share=0.5, seed=0):
-    """{folder: [(source path, class name)]} and notes; deterministic for a seed."""
+def read_subjects(path, src, images):
+    """{image path: subject} from the --subjects CSV (columns image, subject; image: its path under src, or its file
+    name where that is unique); every image must be listed once."""
+    rows = read_csv_rows(path, [("image",), ("subject",)], "image-to-subject table", flag="--subjects")
+    by_path = {os.path.relpath(p, src).replace(os.sep, "/"): p for p in images}
+    by_name = {}
+    for image in images:
+        by_name.setdefault(os.path.basename(image), []).append(image)
+    subjects, rows_of = {}, {}
+    for number, row in enumerate(rows, start=2):  # row 1 is the header
+        entry, subject = row.get("image", ""), row.get("subject", "")
+        if not entry or not subject:
+            raise UserError(f"{path} row {number} has no image or no subject.\nFix: fill both cells or remove the row.")
+        key = entry.replace("\\", "/").strip("/")
+        matches = [by_path[key]] if key in by_path else by_name.get(key, [])
+        if len(matches) != 1:
+            found = (f"names {len(matches)} images (e.g. {os.path.relpath(matches[0], src)} and "
+                     f"{os.path.relpath(matches[1], src)})" if matches else "is no image")
+            raise UserError(f"{path} row {number}: {entry} {found} under --src {src}.\nFix: give the image's path "
+                            f"under --src, e.g. train/{KAGGLE_HEALTHY}/NAME.jpg.")
+        if matches[0] in subjects:
+            raise UserError(f"{path} lists {entry} twice (rows {rows_of[matches[0]]} and {number}).\nFix: keep one "
+                            f"row per image.")
+        subjects[matches[0]], rows_of[matches[0]] = subject, number
+    missing = [image for image in images if image not in subjects]
+    if missing:
+        raise UserError(f"{path} gives no subject for {len(missing)} of the {len(images)} images (e.g. "
+                        f"{os.path.relpath(missing[0], src)}).\nFix: add a row (image, subject) for each image, or "
+                        f"drop --subjects to make each image its own patient.")
+    return subjects
+
+
+def kaggle_units(src, found, subjects_csv):
+    """{(split, healthy?): [unit]}, a unit = the [(path, class, patient id or None)] that go to one folder together:
+    one image each without a subject table, else one subject (wholly in test when any of its images is), and
+    notes."""
+    if subjects_csv is None:
+        units = {(split, True): [[(p, KAGGLE_HEALTHY, None)] for p in found[split, KAGGLE_HEALTHY]]
+                 for split in ("train", "test")}
+        units.update({(split, False): [[(p, c, None)] for c in KAGGLE_IMPAIRED for p in found[split, c]]
+                      for split in ("train", "test")})
+        return units, []
+    classes = {p: (split, cls) for (split, cls), paths in found.items() for p in paths}
+    subject_of = read_subjects(subjects_csv, src, list(classes))
+    members, ids = {}, {}
+    for path in sorted(classes):
+        members.setdefault(subject_of[path], []).append(path)
+    units = {(split, healthy): [] for split in ("train", "test") for healthy in (True, False)}
+    spanning = 0
+    for subject in sorted(members):
+        pid = slug(subject)
+        if pid in ids:
+            raise UserError(f"subjects {ids[pid]} and {subject} in {subjects_csv} give the same file name {pid}.\n"
+                            f"Fix: make the subject ids differ in letters or digits.")
+        ids[pid] = subject
+        kinds = sorted({classes[p][1] for p in members[subject]}, key=((KAGGLE_HEALTHY,) + KAGGLE_IMPAIRED).index)
+        healthy = kinds == [KAGGLE_HEALTHY]
+        if KAGGLE_HEALTHY in kinds and not healthy:
+            raise UserError(f"subject {subject} has images of {' and '.join(kinds)} in {subjects_csv}; a patient has "
+                            f"one label.\nFix: give separate visits their own subject ids, or correct the rows.")
+        splits = {classes[p][0] for p in members[subject]}
+        spanning += len(splits) == 2
+        units["test" if "test" in splits else "train", healthy].append(
+            [(p, classes[p][1], pid) for p in members[subject]])
+    notes = [f"note: {spanning} subject(s) have images in both train/ and test/; each went wholly to the test set."] \
+        if spanning else []
+    return units, notes
+
+
+def kaggle_plan(src, mixed_disease_share=0.4, neg_share=0.5, seed=0, subjects_csv=None):
+    """{folder: [(source path, class name, patient id or None)]} and notes; deterministic for a seed. The shares
+    count units: images, or subjects with --subjects."""
     if not 0.0 < mixed_disease_share < 1.0:
         raise UserError(f"--mixed_disease_share {mixed_disease_share} is outside (0, 1).\nFix: use e.g. 0.4.")
     if not 0.0 < neg_share < 1.0:
@@ -60,44 +130,61 @@ def kaggle_plan(src, mixed_disease_share=0.4, neg_share=0.5, seed=0):
         raise UserError(f"--src {src} is not a folder.\nFix: pass the Kaggle 'Combined Dataset' folder.")
     classes = (KAGGLE_HEALTHY,) + KAGGLE_IMPAIRED
     found = {(split, cls): kaggle_class_images(src, split, cls) for split in ("train", "test") for cls in classes}
+    units, notes = kaggle_units(src, found, subjects_csv)
+    unit = "image" if subjects_csv is None else "subject"
     rng = np.random.default_rng(seed)
     plan = {folder: [] for folder in LAYOUT_FOLDERS}
-    plan["test/neg"] = [(p, KAGGLE_HEALTHY) for p in found["test", KAGGLE_HEALTHY]]
-    plan["test/pos"] = [(p, c) for c in KAGGLE_IMPAIRED for p in found["test", c]]
-    healthy = found["train", KAGGLE_HEALTHY]
+    plan["test/neg"] = [item for group in units["test", True] for item in group]
+    plan["test/pos"] = [item for group in units["test", False] for item in group]
+    healthy = units["train", True]
     order = rng.permutation(len(healthy))
     n_neg = min(len(healthy) - 1, max(1, int(round(neg_share * len(healthy))))) if len(healthy) > 1 else 0
     if n_neg == 0:
-        raise UserError(f"only {len(healthy)} image(s) in {os.path.join(src, 'train', KAGGLE_HEALTHY)}; the "
+        raise UserError(f"only {len(healthy)} {unit}(s) in {os.path.join(src, 'train', KAGGLE_HEALTHY)}; the "
                         f"known-healthy and mixed sets each need one.\nFix: check the extracted dataset.")
-    plan["train/neg"] = [(healthy[i], KAGGLE_HEALTHY) for i in sorted(order[:n_neg])]
-    plan["train/neg_mixed"] = [(healthy[i], KAGGLE_HEALTHY) for i in sorted(order[n_neg:])]
-    impaired = [(p, c) for c in KAGGLE_IMPAIRED for p in found["train", c]]
-    n_mixed_healthy = len(plan["train/neg_mixed"])
+    plan["train/neg"] = [item for i in sorted(order[:n_neg]) for item in healthy[i]]
+    plan["train/neg_mixed"] = [item for i in sorted(order[n_neg:]) for item in healthy[i]]
+    impaired = units["train", False]
+    n_mixed_healthy = len(healthy) - n_neg
     wanted = int(round(mixed_disease_share * n_mixed_healthy / (1.0 - mixed_disease_share)))
-    notes = []
     if wanted > len(impaired):
         notes.append(f"note: {mixed_disease_share:.0%} diseased in the mixed set needs {wanted} impaired training "
-                     f"images but only {len(impaired)} exist; using all of them "
+                     f"{unit}s but only {len(impaired)} exist; using all of them "
                      f"(diseased share {len(impaired) / (len(impaired) + n_mixed_healthy):.1%}).")
         wanted = len(impaired)
+    if not impaired:
+        raise UserError(f"no impaired {unit} is left for the mixed set in {os.path.join(src, 'train')}.\nFix: check "
+                        f"the extracted dataset (and the --subjects table).")
     wanted = max(1, wanted)
     chosen = sorted(rng.choice(len(impaired), size=wanted, replace=False))
-    plan["train/pos"] = [impaired[i] for i in chosen]
+    plan["train/pos"] = [item for i in chosen for item in impaired[i]]
     return plan, notes
 
 
-def prepare_kaggle(src, out, mixed_disease_share=0.4, neg_share=0.5, seed=0, overwrite=False):
-    """Kaggle 'Combined Dataset' -> layout of grayscale PNGs, one patient per image. Returns the counts."""
-    plan, notes = kaggle_plan(src, mixed_disease_share, neg_share, seed)
-    sizes, used, digests = {}, set(), {"train": {}, "test": {}}
+IMAGES_AS_PATIENTS = (
+    "warning: the Kaggle images carry no subject ids, so each image is its own patient: slices of one subject can "
+    "land in the trained-on known-healthy set, the held-out known-healthy patients and the test set at once, which "
+    "inflates AUCp and the inductive AUC. If you know which images belong to which subject, pass --subjects CSV "
+    "(columns image, subject) to keep each subject's images together as one patient.")
+
+
+def prepare_kaggle(src, out, mixed_disease_share=0.4, neg_share=0.5, seed=0, overwrite=False, *, subjects=None):
+    """Kaggle 'Combined Dataset' -> layout of grayscale PNGs: one patient per image, or per subject of the subjects
+    CSV (image -> subject; a subject's images are <subject>__NNN.png in one folder). Returns the counts."""
+    if subjects is None:
+        print(IMAGES_AS_PATIENTS, file=sys.stderr)
+    plan, notes = kaggle_plan(src, mixed_disease_share, neg_share, seed, subjects)
+    sizes, used, digests, slices = {}, set(), {"train": {}, "test": {}}, {}
     with Staging(out, overwrite, sources=[src]) as stage:
         for folder in LAYOUT_FOLDERS:
-            for path, cls in plan[folder]:
+            for path, cls, pid in plan[folder]:
                 image = read_grayscale(path)
                 sizes[image.shape[::-1]] = sizes.get(image.shape[::-1], 0) + 1
                 base = f"{slug(cls).lower()}_{slug(os.path.splitext(os.path.basename(path))[0])}"
                 name, k = f"{base}.png", 2
+                if pid is not None:  # one subject's images: <subject>__NNN.png, numbered in path order
+                    name = slice_filename(pid, slices.get(pid, 0))
+                    slices[pid] = slices.get(pid, 0) + 1
                 while name in used:  # names are unique over the whole output, so ids never collide
                     name, k = f"{base}-{k}.png", k + 1
                 used.add(name)
@@ -106,10 +193,10 @@ def prepare_kaggle(src, out, mixed_disease_share=0.4, neg_share=0.5, seed=0, ove
                 pixels = np.rint(image * 255).astype(np.uint8)
                 digests[folder.split("/")[0]].setdefault(hashlib.sha1(pixels).hexdigest(), name)
     counts = count_layout(out)
-    print_counts(out, counts, "images")
-    mixed = counts["train/pos"][0] + counts["train/neg_mixed"][0]
-    print(f"  mixed set: {counts['train/pos'][0] / mixed:.1%} diseased; healthy share rho = "
-          f"{counts['train/neg_mixed'][0] / mixed:.3f} (the rho for mapping AUCp to an AUC estimate)")
+    print_counts(out, counts, "images" if subjects is None else "slices")
+    mixed = counts["train/pos"][1] + counts["train/neg_mixed"][1]
+    print(f"  mixed set: {counts['train/pos'][1] / mixed:.1%} of its patients diseased; healthy share rho = "
+          f"{counts['train/neg_mixed'][1] / mixed:.3f} (the rho for mapping AUCp to an AUC estimate)")
     print("  image sizes (width x height: count): "
           + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(sizes.items())))
     for note in notes:
