@@ -179,7 +179,7 @@ def kept_templates(out_dir, stem, scan, preprocess):
         try:
             there = nib.load(path)
             same = there.shape == template.shape and np.allclose(there.affine, template.affine, atol=1e-3)
-        except Exception:  # nibabel raises many types for a broken file: it is not this grid's template
+        except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError):  # broken: no template
             same = False
         if not same:
             raise UserError(f"{path} is not the {preprocessing.TEMPLATE} template at --template_resolution "
