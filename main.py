@@ -7,7 +7,8 @@ from brainomaly import decisions, distributed, metrics
 from brainomaly.errors import EXIT_USER_ERROR, UserError, run_cli
 from brainomaly.run import run_layout
 from brainomaly.run.settings import Settings
-from brainomaly.train import fast_path_selection
+from brainomaly.train import diff_augment, fast_path_selection
+from brainomaly.train.gan_losses import GAN_LOSSES
 from solver import Solver
 
 MODE_ALIASES = {"testAUCInductive": "test_inductive", "testAUCTransductive": "test_transductive",
@@ -42,6 +43,25 @@ def shift_fraction(value):
         raise argparse.ArgumentTypeError(f"expected a fraction of the image size in [0, 0.5) such as 0.06, "
                                          f"got {value!r}")
     return fraction
+
+
+def augment_policy(value):
+    """--diffaug: a comma list of the critic's augmentations, returned in the order they are applied ('' = off)."""
+    try:
+        return ",".join(diff_augment.parse_policy(value))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err))
+
+
+def non_negative(value):
+    """A float of at least 0 (a weight)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is None or not number >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {value!r}")
+    return number
 
 
 def whole_number(minimum):
@@ -118,7 +138,20 @@ def build_parser():
                         "(0: --lambda_id from the start, as the reference)")
     m.add_argument("--gp_every", type=whole_number(1), default=1,
                    help="lazy regularisation: the gradient penalty on every k-th critic step only, weighted k x "
-                        "--lambda_gp (1: every step, as the reference)")
+                        "--lambda_gp (1: every step, as the reference); R1 (--r1_gamma) alike")
+    m.add_argument("--gan_loss", choices=GAN_LOSSES, default="wgan",
+                   help="the critic's and the generator's adversarial losses: wgan (Wasserstein, the reference), "
+                        "nonsaturating (logistic; usually with --r1_gamma and --lambda_gp 0) or hinge: unlike wgan, "
+                        "they stop rewarding the critic for outputs that already separate real from fake")
+    m.add_argument("--r1_gamma", type=non_negative, default=0.0,
+                   help="weight gamma of the zero-centred R1 penalty gamma/2 E||grad D(x)||^2 on the known-healthy "
+                        "(real) batch: pulls the critic flat on the real slices, which damps the oscillation of the "
+                        "GAN around its equilibrium (Mescheder et al. 2018; alone with --lambda_gp 0, or beside "
+                        "WGAN-GP; 0: off)")
+    m.add_argument("--diffaug", type=augment_policy, default="",
+                   help="differentiable augmentation of every batch the critic sees, real and generated alike: a "
+                        "comma list of translation, cutout and brightness; stops the critic memorising a small "
+                        "healthy set, G learning through it (default %(default)r: off)")
 
     t = p.add_argument_group("training (stage 1)")
     t.add_argument("--batch_size", type=int, default=16,
@@ -127,6 +160,9 @@ def build_parser():
     t.add_argument("--num_iters", type=int, default=150000, help="critic iterations of stage 1")
     t.add_argument("--num_iters_decay", type=int, default=100000, help="last iterations over which lr decays to 0")
     t.add_argument("--lr_decay", type=str2bool, default=False, help="linear learning-rate decay (the reference's was a no-op)")
+    t.add_argument("--lr_decay_shape", choices=("linear", "cosine"), default="linear",
+                   help="shape of the --lr_decay decay to 0 over the last --num_iters_decay iterations: linear, or "
+                        "cosine (0.5 (1 + cos(pi progress)): gentle at the start and near the end)")
     t.add_argument("--g_lr", type=float, default=1e-4, help="generator learning rate")
     t.add_argument("--d_lr", type=float, default=1e-4, help="critic learning rate")
     t.add_argument("--n_critic", type=int, default=2, help="critic updates per generator update")
@@ -145,6 +181,13 @@ def build_parser():
     t.add_argument("--g_ema", type=float, default=0.999,
                    help="decay of the exponential moving average of G's weights that checkpoints hold and scoring and "
                         "the AUCp selection use (0: off, the raw G as in the reference)")
+    t.add_argument("--g_ema_start", type=whole_number(0), default=0,
+                   help="iteration from which the generator EMA averages; before it the EMA copies G's weights, so "
+                        "the average starts from a trained G rather than the initial one (0: from the start)")
+    t.add_argument("--g_ema_warmup", type=str2bool, default=True,
+                   help="warm the EMA's decay up as min(--g_ema, (1 + n) / (10 + n)) over its first n updates; "
+                        "false: the full --g_ema from the first update, so that a long horizon such as 0.999 takes "
+                        "effect in a run of a few thousand iterations")
     t.add_argument("--seed", type=int, default=0, help="random seed (a CPU run is repeatable)")
     t.add_argument("--augment_shift", type=shift_fraction, default=0.0,
                    help="move each training slice by up to this fraction of the image size in each direction, as "

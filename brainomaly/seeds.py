@@ -11,6 +11,7 @@ OFFSETS = {
     "refiner_healthy_set": 3,  # stage 2's known-healthy batches
     "refiner_noise": 4,  # stage 2's diffusion timesteps and noise
     "healthy_holdout": 5,  # which known-healthy patients a new run holds out
+    "diff_augment": 6,  # stage 1's critic augmentation (--diffaug)
 }
 
 

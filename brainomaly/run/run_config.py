@@ -31,6 +31,7 @@ RUN_FLAGS = ARCHITECTURE_FLAGS + (
     "num_iters_decay", "lr_decay", "g_lr", "d_lr", "n_critic", "d_warmup",
     "beta1", "beta2", "preload", "g_ema", "seed", "augment_shift", "healthy_holdout",
     "log_step", "sample_step", "model_save_step", "lr_update_step",
+    "lr_decay_shape", "g_ema_start", "g_ema_warmup", "r1_gamma", "gan_loss", "diffaug",  # the stabilisers
 ) + REFINER_ARCHITECTURE_FLAGS + (
     "refiner_iters", "refine_from", "refiner_batch_size", "refiner_lr", "refiner_ema",
     "score_region", "ddim_steps", "refiner_samples", "select", "select_candidates",  # the pick stage 2 refines

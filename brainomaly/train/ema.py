@@ -8,22 +8,41 @@ import torch
 class EMA:
     """Exponential moving average of a module's parameters (buffers copied), used for inference.
 
-    The decay warms up as min(decay, (1 + n) / (10 + n)) so short runs are not dominated by the initial weights.
+    With warmup (the default) the decay of the n-th update is min(decay, (1 + n) / (10 + n)), so that short runs are
+    not dominated by the initial weights; without it every update uses the full decay (the warm-up reaches 0.99 after
+    about 900 updates and 0.999 only after about 9,000, so a long horizon takes effect in a short run only without
+    it). copy_from sets the average to a module's weights without counting an update (the warm-up then starts
+    from the next update).
     """
 
-    def __init__(self, model, decay=0.999):
-        self.decay = decay
+    def __init__(self, model, decay=0.999, warmup=True):
+        self.decay, self.warmup = decay, warmup
         self.num_updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def current_decay(self):
+        """The decay the next update uses."""
+        n = self.num_updates + 1
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
     @torch.no_grad()
     def update(self, model):
+        decay = self.current_decay()
         self.num_updates += 1
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         ema_params, params = dict(self.model.named_parameters()), dict(model.named_parameters())
         assert ema_params.keys() == params.keys(), "EMA.update got a module with different parameters"
         for name, p in params.items():
             ema_params[name].lerp_(p.detach(), 1 - decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    @torch.no_grad()
+    def copy_from(self, model):
+        """The average set to model's weights and buffers (no update counted)."""
+        ema_params, params = dict(self.model.named_parameters()), dict(model.named_parameters())
+        assert ema_params.keys() == params.keys(), "EMA.copy_from got a module with different parameters"
+        for name, p in params.items():
+            ema_params[name].copy_(p.detach())
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
 

@@ -1,5 +1,7 @@
 """Stage 1: the Brainomaly GAN. WGAN-GP with real = known-healthy H, fake = tanh(x_M + G(x_M)), plus identity
-L1 on H; checkpoints every --model_save_step (save_stage1 / restore_stage1 for an exact resume).
+L1 on H; checkpoints every --model_save_step (save_stage1 / restore_stage1 for an exact resume). The losses are in
+gan_losses.py; the stabilisers (--lr_decay_shape, --g_ema_start, --g_ema_warmup, --r1_gamma, --gan_loss,
+--diffaug) are all off by default.
 
 ITER-G.ckpt holds the generator that scoring and the AUCp selection use: the exponential moving average of
 G's weights (--g_ema, the standard GAN practice: the raw G swings between checkpoints), or the raw G with
@@ -8,6 +10,7 @@ G's weights (--g_ema, the standard GAN practice: the raw G swings between checkp
 Under torchrun every rank trains the same networks on its shard of the streams (DistributedDataParallel averages
 the gradients), so every rank's G, and the EMA each rank updates from its own unwrapped G, stay identical; rank 0
 alone writes checkpoints, samples and logs."""
+import math
 import os
 
 import torch
@@ -21,17 +24,11 @@ from brainomaly.run import checkpoint as ckpt
 from brainomaly.run import run_config
 from brainomaly.run.networks import build_stage1, model_path, refuse_to_overwrite, saved_config
 from brainomaly.run.training_log import TrainingLogger
+from brainomaly.train import diff_augment
 from brainomaly.train.ema import EMA
+from brainomaly.train.gan_losses import critic_terms, generator_term, gradient_penalty, r1_penalty
 from brainomaly.train.training_loop import FiniteCheck, TrainingLoop, adam
 from model import ARCHITECTURE_FLAGS, healthy_reconstruction
-
-
-def gradient_penalty(critic, real, fake, alpha):
-    """WGAN-GP: mean over samples of (||d critic(x~) / d x~||_2 - 1)^2 on x~ = alpha*real + (1-alpha)*fake."""
-    mixed = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
-    # fp32 sum, gradient and norm under bf16 autocast too (mixed is fp32, so its gradient comes back fp32)
-    (grad,) = torch.autograd.grad(critic(mixed).float().sum(), mixed, create_graph=True)
-    return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
 def identity_weight(config, iteration):
@@ -50,37 +47,63 @@ def penalty_weight(config, iteration):
     return config.lambda_gp * config.gp_every if iteration % config.gp_every == 0 else 0.0
 
 
+def r1_weight(config, iteration):
+    """R1's weight gamma at `iteration`, lazily as penalty_weight: --gp_every x --r1_gamma on every --gp_every-th
+    critic step, 0 in between (the loss adds weight/2 x the penalty)."""
+    return config.r1_gamma * config.gp_every if iteration % config.gp_every == 0 else 0.0
+
+
 def generator_steps(config, iteration):
     """Whether `iteration` updates G: never in the first --d_warmup iterations (the critic alone learns mixed from
     healthy while G is still where it started), then one G update every --n_critic critic updates."""
     return iteration >= config.d_warmup and (iteration + 1 - config.d_warmup) % config.n_critic == 0
 
 
-def set_learning_rates(config, optimizers, iteration):
-    """Linear decay to 0 over the last num_iters_decay iterations, in steps of lr_update_step (off by default)."""
+def learning_rate_factor(config, iteration):
+    """The share of the base learning rate at `iteration` with --lr_decay (off by default: 1): over the last
+    --num_iters_decay iterations, in steps of --lr_update_step, the rate falls to 0 linearly (--lr_decay_shape
+    linear) or as half a cosine, 0.5 (1 + cos(pi p)) with p the progress from 0 to 1 (cosine: slow at first and near
+    the end)."""
     c = config
+    stepped = (iteration // c.lr_update_step) * c.lr_update_step
+    if c.lr_decay_shape == "cosine":
+        progress = min(1.0, max(0.0, (stepped - (c.num_iters - c.num_iters_decay)) / c.num_iters_decay))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return min(1.0, max(0.0, (c.num_iters - stepped) / c.num_iters_decay))
+
+
+def set_learning_rates(config, optimizers, iteration):
+    """Each (optimizer, base rate): the base rate, times learning_rate_factor with --lr_decay (off by default)."""
     for optimizer, base_lr in optimizers:
-        lr = base_lr
-        if c.lr_decay:
-            stepped = (iteration // c.lr_update_step) * c.lr_update_step
-            lr = base_lr * min(1.0, max(0.0, (c.num_iters - stepped) / c.num_iters_decay))
+        lr = base_lr * learning_rate_factor(config, iteration) if config.lr_decay else base_lr
         for group in optimizer.param_groups:
             group["lr"] = lr
 
 
+def update_generator_ema(config, ema, generator, iteration):
+    """After a G update at `iteration`: before --g_ema_start the EMA copies G's weights (it starts from the G
+    trained so far, not from the initial weights), from it on it averages (update)."""
+    if iteration < config.g_ema_start:
+        ema.copy_from(generator)
+    else:
+        ema.update(generator)
+
+
 class Stage1State:
     """What stage 1 carries from one iteration to the next: G, the EMA of its weights, the critic, both optimisers,
-    the mixed- and healthy-set streams, the gradient penalty's noise generator and the iteration reached.
+    the mixed- and healthy-set streams, the gradient penalty's noise generator, the critic augmentation's generator
+    (--diffaug) and the iteration reached.
 
     state_dict() holds all of it as the checkpoint files do ("critic": ITER-D.ckpt, "scored_generator": ITER-G.ckpt,
     "training": ITER-state.ckpt), so load_state_dict(state_dict()) continues the run exactly. train_generator and
     train_critic are the networks a step runs: the plain ones, or their DDP and torch.compile wrappers after wrap()."""
 
     def __init__(self, *, generator, critic, g_optimizer=None, d_optimizer=None, g_ema=None, streams=(),
-                 noise_generator=None, iteration=0):
+                 noise_generator=None, augment_generator=None, iteration=0):
         self.generator, self.critic, self.g_ema = generator, critic, g_ema
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
         self.streams, self.noise_generator, self.iteration = tuple(streams), noise_generator, iteration
+        self.augment_generator = augment_generator  # None: --diffaug draws from torch's global generator
         self.train_generator, self.train_critic = generator, critic
 
     @property
@@ -102,7 +125,9 @@ class Stage1State:
                          "d_optimizer": self.d_optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                          "noise_generator": self.noise_generator.get_state(),
                          "streams": [s.state_dict() for s in self.streams], "generator": self.generator.state_dict(),
-                         "g_ema_updates": None if self.g_ema is None else self.g_ema.num_updates},
+                         "g_ema_updates": None if self.g_ema is None else self.g_ema.num_updates,
+                         **({} if self.augment_generator is None
+                            else {"augment_generator": self.augment_generator.get_state()})},
         }
 
     def load_state_dict(self, state):
@@ -117,6 +142,9 @@ class Stage1State:
         self.d_optimizer.load_state_dict(training["d_optimizer"])
         torch.set_rng_state(training["torch_rng"])
         self.noise_generator.set_state(training["noise_generator"])
+        # checkpoints written before --diffaug hold no augmentation generator: it stays as seeded
+        if self.augment_generator is not None and "augment_generator" in training:
+            self.augment_generator.set_state(training["augment_generator"])
         for stream, stream_state in zip(self.streams, training["streams"]):
             stream.load_state_dict(stream_state)
         self.iteration = training["iteration"]
@@ -161,16 +189,21 @@ def restore_stage1(config, state, iteration, g_saved):
 
 
 def train_step(runtime, config, state, x_mixed, x_healthy, alpha, *, update_generator, lambda_id=None,
-               gp_weight=None):
+               gp_weight=None, r1_weight=None):
     """One stage-1 iteration on state's networks and optimisers: a critic update, and a generator update when
     update_generator. Returns losses. lambda_id: the identity weight of this iteration (default --lambda_id);
     gp_weight: the penalty's weight this step (default --lambda_gp; 0 skips the penalty: lazy regularisation's steps
-    in between)."""
+    in between); r1_weight: R1's gamma this step (default --r1_gamma; 0 skips it). --gan_loss picks the adversarial
+    terms; --diffaug augments every batch the critic sees, each with its own draw from state.augment_generator."""
     c = config
     generator, critic = state.train_generator, state.train_critic
     g_optimizer, d_optimizer = state.g_optimizer, state.d_optimizer
     lambda_id = c.lambda_id if lambda_id is None else lambda_id
     gp_weight = c.lambda_gp if gp_weight is None else gp_weight
+    r1_weight = c.r1_gamma if r1_weight is None else r1_weight
+
+    def seen(batch):  # what the critic sees of a batch: itself, or its --diffaug transform (differentiable)
+        return diff_augment.augment(batch, c.diffaug, state.augment_generator)
     # =================== Train the critic =================== #
     # (region(...): named parts of the step for torch.profiler, bench/profile_stage1.py; next to nothing when not profiling)
     with runtime.autocast(), region("stage1/generator forward"):
@@ -184,19 +217,26 @@ def train_step(runtime, config, state, x_mixed, x_healthy, alpha, *, update_gene
     with runtime.autocast():
         # the losses are fp32 means (.float(): the critic's output is bf16 under bf16 autocast)
         with region("stage1/critic forward"):
-            d_loss_real = -critic(x_healthy).float().mean()
-            d_loss_fake = critic(fake.detach()).float().mean()
+            real_output = critic(seen(x_healthy))
+            fake_output = critic(seen(fake.detach()))
+            d_loss_real, d_loss_fake = critic_terms(c.gan_loss, real_output, fake_output)
         # The penalty goes through the plain critic, not its DDP wrapper: DDP synchronises gradients with hooks on
         # each weight's gradient accumulator, which autograd.grad(create_graph=True) never runs (it stops at the
         # input), and a DDP forward whose graph is differentiated twice is not what those hooks expect.
         # d_loss.backward() below runs each weight's accumulator once, on the sum of the first-order and the
         # penalty's second-order terms, so the one all-reduce averages the whole critic gradient.
         # A compiled critic cannot be differentiated twice either: unwrap also strips torch.compile's wrapper.
+        # Both penalties are computed on the batches as they are, not augmented (--diffaug): WGAN-GP on the
+        # interpolates of the plain real and fake batches, R1 on the plain real batch.
         d_loss = d_loss_real + d_loss_fake
         if gp_weight != 0:  # (a nan weight too: its loss must come out non-finite)
             with region("stage1/gradient penalty forward"):
                 d_loss_gp = gradient_penalty(distributed.unwrap(critic), x_healthy, fake, alpha)
             d_loss = d_loss + gp_weight * d_loss_gp
+        if r1_weight != 0:  # R1 (Mescheder et al. 2018): zero-centred, on the real (known-healthy) batch
+            with region("stage1/r1 penalty forward"):
+                d_loss_r1 = r1_penalty(distributed.unwrap(critic), x_healthy)
+            d_loss = d_loss + r1_weight / 2 * d_loss_r1
     d_optimizer.zero_grad(set_to_none=True)
     with region("stage1/critic backward"):
         d_loss.backward()
@@ -205,6 +245,8 @@ def train_step(runtime, config, state, x_mixed, x_healthy, alpha, *, update_gene
     losses = {"D/loss_real": d_loss_real, "D/loss_fake": d_loss_fake, "D/loss": d_loss}
     if gp_weight != 0:
         losses["D/loss_gp"] = d_loss_gp
+    if r1_weight != 0:
+        losses["D/loss_r1"] = d_loss_r1  # E||grad D(x)||^2, before its weight gamma/2
 
     # =================== Train the generator =================== #
     if update_generator:
@@ -214,7 +256,7 @@ def train_step(runtime, config, state, x_mixed, x_healthy, alpha, *, update_gene
         # graph is freed before the healthy half's is built (half the activation memory, same gradients).
         with region("stage1/generator adversarial"):
             with runtime.autocast():  # plain critic: its weights get no gradient here, so nothing to synchronise
-                g_loss_fake = -distributed.unwrap(critic)(fake).float().mean()
+                g_loss_fake = generator_term(c.gan_loss, distributed.unwrap(critic)(seen(fake)))
             g_loss_fake.backward()
         with region("stage1/generator identity"):
             with runtime.autocast():
@@ -293,11 +335,13 @@ def train(runtime, config):
                                f"mixed + as many healthy slices.")
     seeds.seed_weights(c.seed)
     generator, critic = build_stage1(runtime, c)
-    state = Stage1State(generator=generator, critic=critic, g_ema=EMA(generator, c.g_ema) if c.g_ema > 0 else None,
+    state = Stage1State(generator=generator, critic=critic,
+                        g_ema=EMA(generator, c.g_ema, warmup=c.g_ema_warmup) if c.g_ema > 0 else None,
                         g_optimizer=adam(generator.parameters(), c.g_lr, (c.beta1, c.beta2), c, runtime.device),
                         d_optimizer=adam(critic.parameters(), c.d_lr, (c.beta1, c.beta2), c, runtime.device),
                         streams=(mixed, healthy),
-                        noise_generator=torch.Generator().manual_seed(seeds.seed(c.seed, "gradient_penalty")))
+                        noise_generator=torch.Generator().manual_seed(seeds.seed(c.seed, "gradient_penalty")),
+                        augment_generator=torch.Generator().manual_seed(seeds.seed(c.seed, "diff_augment")))
     if resume_from is not None:
         restore_stage1(c, state, resume_from, g_saved)
     start = state.iteration
@@ -310,7 +354,7 @@ def train(runtime, config):
     n_samples = min(8, len(mixed.paths), len(healthy.paths))
     fixed_mixed, fixed_healthy = (torch.stack([slice_files.load_slice(p, c.image_size) for p in paths[:n_samples]])
                                   for paths in (mixed.paths, healthy.paths))
-    # --compile: the critic's plain passes are compiled; train_step runs the gradient penalty eagerly.
+    # --compile: the critic's plain passes are compiled; train_step runs the gradient penalties eagerly.
     state.wrap(runtime)
     loop = TrainingLoop(runtime=runtime, start=start, total=c.num_iters, desc="stage 1",
                         logger=TrainingLogger(c, "stage1"),
@@ -327,10 +371,11 @@ def train(runtime, config):
                                                   generator=state.noise_generator)).to(runtime.device)
         losses.update(loop.mean_over_ranks(train_step(runtime, c, state, x_mixed, x_healthy, alpha,
                                                       update_generator=update_generator,
-                                                      lambda_id=identity_weight(c, i), gp_weight=penalty_weight(c, i))))
+                                                      lambda_id=identity_weight(c, i), gp_weight=penalty_weight(c, i),
+                                                      r1_weight=r1_weight(c, i))))
         if update_generator and state.g_ema is not None:
             # the unwrapped G: the same weights on every rank (the same averaged gradients), so the same EMA
-            state.g_ema.update(generator)
+            update_generator_ema(c, state.g_ema, generator, i)
         step = state.iteration = i + 1
         # eager: checked now; --deferred_finite_check: read below, before anything is logged or saved
         loop.add(step, {"D": losses["D/loss"], "G": losses["G/loss"] if update_generator else None})
