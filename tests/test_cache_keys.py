@@ -4,7 +4,7 @@ import json
 import os
 import shutil
 
-from conftest import TINY_FLAGS
+from conftest import TINY_FLAGS, write_toy_dataset
 
 import main
 
@@ -44,3 +44,47 @@ def test_a_replaced_checkpoint_gets_its_intensity_correction_fitted_again(toy_da
     assert f"The intensity correction {models}/4-intensity.json is out of date" in capsys.readouterr().out
     fitted = [json.load(open(f"{models}/{iteration}-intensity.json")) for iteration in (2, 4)]
     assert fitted[0]["values"] == fitted[1]["values"] and fitted[0]["knots"] == fitted[1]["knots"]
+
+
+def external_site(tmp_path, name="SiteB"):
+    """Another site's dataset in the same layout: other patients (ids prefixed 'b'), other images."""
+    root = write_toy_dataset(str(tmp_path / "data" / name), seed=1)
+    for folder, _, files in os.walk(root):
+        for file in files:
+            os.rename(os.path.join(folder, file), os.path.join(folder, "b" + file))
+    return root
+
+
+def test_aucp_on_another_dataset_leaves_the_runs_reference_and_pick_alone_and_writes_beside_them(
+        toy_dataset, tmp_path, capsys):
+    """External validation (AUCp of a run on another site's data) must not become the run's known-healthy reference
+    (score mode's threshold and colour scale) nor its checkpoint pick (stage 2, demo.sh and report.py read it)."""
+    run_dir = str(tmp_path / "run")
+    results = f"{run_dir}/results"
+    train(toy_dataset, run_dir, "--num_iters", "4", "--model_save_step", "2")
+    aucp(toy_dataset, run_dir, "all")
+    own = [f"{results}/aucp_selection.json", f"{results}/4/coarse/healthy_reference.json",
+           f"{results}/4/coarse/aucp.json"]
+    before = {path: open(path).read() for path in own}
+    site_b = external_site(tmp_path)
+    capsys.readouterr()
+    aucp(site_b, run_dir, "all")
+    beside = f"{results}/on_SiteB"
+    assert f"{site_b} is not the dataset this run was trained on" in capsys.readouterr().out
+    assert {path: open(path).read() for path in own} == before
+    external = json.load(open(f"{beside}/aucp_selection.json"))
+    assert external["data"].startswith(os.path.realpath(site_b) + " (")
+    assert json.load(open(f"{beside}/4/coarse/aucp.json"))["data"] == external["data"]
+    assert json.load(open(f"{results}/aucp_selection.json"))["data"].startswith(os.path.realpath(toy_dataset) + " (")
+    # the run's reference records the data it was computed on; one that does not (written before it did) is
+    # computed again on the run's own data before score mode takes its threshold
+    reference = f"{results}/4/coarse/healthy_reference.json"
+    saved = json.load(open(reference))
+    assert saved["made_with"]["data"].startswith(os.path.realpath(toy_dataset) + " (")
+    del saved["made_with"]["data"]
+    json.dump(saved, open(reference, "w"))
+    assert main.main(["--mode", "score", "--image_dir", os.path.join(toy_dataset, "test/pos"), "--run_dir", run_dir,
+                      "--num_workers", "0", "--test_iters", "4", "--output", str(tmp_path / "scores.csv")]) == 0
+    assert "is out of date (it does not record the data it was computed on)" in capsys.readouterr().out
+    scores = json.load(open(reference))["healthy_patient_scores"]
+    assert scores == json.loads(before[reference])["healthy_patient_scores"]

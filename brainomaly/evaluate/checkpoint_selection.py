@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from brainomaly import decisions
 from brainomaly.data import dataset_layout
-from brainomaly.evaluate.protocols import NEPTUNE_KEYS, PROTOCOLS, print_result, run_protocol
+from brainomaly.evaluate.protocols import NEPTUNE_KEYS, PROTOCOLS, print_result, results_for_data, run_protocol
 from brainomaly.run import checkpoint as ckpt
 from brainomaly.run import run_layout
 from brainomaly.run.networks import resolve_iteration
@@ -43,7 +43,7 @@ def sweep(runtime, config, name):
         table.append({"iteration": iteration, "reconstruction": result["reconstruction"],
                       "auc": result["auc"], "n_patients": result["n_patients"],
                       **{f"auc_{k}": v for k, v in result["auc_by_reconstruction"].items()}})
-    summary = {"protocol": name, "table": table}
+    summary = {"protocol": name, "data": results[0]["data"], "table": table}
     if protocol.label_free:
         candidates = sweep_candidates(results, c.seed)
         chosen = decisions.pick(candidates, c.select, c.select_candidates)
@@ -115,7 +115,9 @@ def selected_checkpoint(result_dir):
 
 
 def test(runtime, config, name):
-    """--mode test_NAME: protocol NAME at --test_iters (an iteration, latest, or all checkpoints)."""
+    """--mode test_NAME: protocol NAME at --test_iters (an iteration, latest, or all checkpoints); on a dataset the
+    run was not trained on, written beside the run's own results (protocols.results_for_data)."""
+    config = results_for_data(config)
     if config.test_iters == "all":
         checkpoint_sweep(runtime, config, name)
         return

@@ -102,7 +102,10 @@ def for_checkpoint(runtime, config, iteration, generator, training_config):
     known-healthy slices stage 1 trained on (training_config's image_dir and --healthy_holdout) and saved there.
     Every rank fits the same f from the same slices, so none waits for another."""
     path = correction_path(config.model_save_dir, iteration)
-    made_with = {"bins": BINS, **cache_keys.weights_key(config.model_save_dir, iteration)}
+    training_dir = healthy_split.training_data_dir(training_config, config.image_dir)
+    trained_on = healthy_split.run_split(training_dir, training_config)[0]
+    made_with = {**cache_keys.data_key(training_dir, trained_on), "bins": BINS,
+                 **cache_keys.weights_key(config.model_save_dir, iteration)}
     if os.path.isfile(path):
         try:
             with open(path) as f:
@@ -113,8 +116,6 @@ def for_checkpoint(runtime, config, iteration, generator, training_config):
             distributed.main_print(f"The intensity correction {path} is out of date ({why}): fitting it again.")
         except (ValueError, KeyError):  # a torn file (a write cut short): fit again, same slices, same f
             pass
-    training_dir = healthy_split.training_data_dir(training_config, config.image_dir)
-    trained_on = healthy_split.run_split(training_dir, training_config)[0]
     correction = fit_on_slices(runtime, generator, trained_on, config.image_size, config.score_batch_size)
     if runtime.is_main:
         run_layout.write_json({"checkpoint": iteration, "made_with": made_with,

@@ -11,6 +11,11 @@ slices ever more closely (identity loss), so AUCp over them keeps rising after d
 
 Also the run of a protocol over every saved checkpoint; over AUCp it is the label-free checkpoint selection.
 
+Results on a dataset the run was not trained on (external validation: --image_dir another site's data) go to
+RESULT_DIR/on_NAME/ beside the run's own (results_for_data): they never replace the run's known-healthy reference
+(score mode's threshold, the panels' colour scale) or its checkpoint pick. Every result records the data it was
+computed on (cache_keys.data_key).
+
 Under torchrun the ranks share out the slices (scoring.py) and every rank gets all the scores, so every rank
 computes the same results and tables; rank 0 alone writes and prints them.
 """
@@ -23,7 +28,7 @@ from brainomaly import distributed, metrics, visualize
 from brainomaly.data import dataset_layout, healthy_split
 from brainomaly.evaluate import scoring
 from brainomaly.evaluate.scoring_networks import load_for_scoring
-from brainomaly.run import cache_keys, run_layout
+from brainomaly.run import cache_keys, run_config, run_layout
 from brainomaly.run.settings import replace_config
 from brainomaly.run.training_log import log_protocol
 
@@ -62,6 +67,22 @@ def held_out_known_healthy(training_config, image_dir):
     if not healthy_split.is_training_data(training_config, image_dir):
         return None
     return healthy_split.run_split(image_dir, training_config)[1] or None
+
+
+def results_for_data(config):
+    """config with result_dir where results on config.image_dir go: unchanged for the data the run was trained on
+    (wherever it has moved); for another dataset RESULT_DIR/on_NAME (run_layout.results_on), with the run's own
+    folder kept as run_result_dir (the known-healthy reference is always the run's own)."""
+    training_config = run_config.saved_run_settings(config.model_save_dir)
+    if training_config is None or healthy_split.is_training_data(training_config, config.image_dir):
+        return config
+    folder = run_layout.results_on(config.result_dir, config.image_dir)
+    distributed.main_print(f"{config.image_dir} is not the dataset this run was trained on "
+                           f"({training_config.get('image_dir')}): its results go to {folder}; the run's own "
+                           f"known-healthy reference and checkpoint pick are left as they are.")
+    if distributed.is_main():
+        run_layout.write_json({"data_folder": os.path.realpath(config.image_dir)}, run_layout.data_record(folder))
+    return replace_config(config, result_dir=folder, run_result_dir=config.result_dir)
 
 
 def protocol_slices(networks, name, image_dir):
@@ -103,7 +124,7 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     pids = [dataset_layout.patient_id(p) for p in paths]
     patients = metrics.aggregate_patients(pids, scores, labels)
     result = {"protocol": name, "checkpoint": iteration, "reconstruction": reconstruction,
-              "score_region": c.score_region,
+              "score_region": c.score_region, **cache_keys.data_key(c.image_dir, paths),
               **metrics.evaluate(patients["label"], patients["score"]),
               "n_patients": len(patients["pid"]), "n_slices": len(paths),
               "slice_auroc": metrics.slice_auroc(pids, scores, labels)}
@@ -133,7 +154,7 @@ def score_protocol(runtime, networks, name, paths, labels, started):
     if protocol.healthy_reference and runtime.is_main:
         healthy = patients["score"][patients["label"] == 0]
         run_layout.write_json({"checkpoint": iteration, "reconstruction": reconstruction,
-                               "made_with": cache_keys.scoring_key(networks),
+                               "made_with": cache_keys.scoring_key(networks, paths),
                                "percentile_95": metrics.healthy_percentile_threshold(healthy, 95),
                                "map_scale": healthy_maps.scale(), "healthy_patient_scores": healthy.tolist()},
                               out.healthy_reference)
@@ -203,26 +224,28 @@ def known_healthy_reference(runtime, networks):
     map_scale: the top of every anomaly panel's colour scale); the AUCp protocol is run where there is none yet, or
     where the one there was computed with other settings or weights (cache_keys)."""
     c = networks.config
-    reference = run_layout.CheckpointResults(c.result_dir, networks.iteration, networks.reconstruction).healthy_reference
-    why = distributed.broadcast(reference_out_of_date(reference, networks) if runtime.is_main else None)
+    own = run_layout.own_results(c)
+    reference = run_layout.CheckpointResults(own, networks.iteration, networks.reconstruction).healthy_reference
+    training_dir = healthy_split.training_data_dir(networks.training_config, c.image_dir)
+    reference_networks = networks._replace(config=replace_config(c, image_dir=training_dir, save_maps=0,
+                                                                 result_dir=own, run_result_dir=None))
+    paths, labels = protocol_slices(networks, "aucp", training_dir)
+    why = distributed.broadcast(reference_out_of_date(reference, reference_networks, paths) if runtime.is_main
+                                else None)
     if why:  # rank 0's answer: every rank takes part in scoring
-        training_dir = healthy_split.training_data_dir(networks.training_config, c.image_dir)
         distributed.main_print(f"The known-healthy reference for checkpoint {networks.iteration} "
                                f"({networks.reconstruction}) {why}: scoring {training_dir}/train/neg and the mixed "
                                f"set (the AUCp protocol).")
-        started = time.time()
-        paths, labels = protocol_slices(networks, "aucp", training_dir)
-        reference_networks = networks._replace(config=replace_config(c, image_dir=training_dir, save_maps=0))
-        score_protocol(runtime, reference_networks, "aucp", paths, labels, started)
+        score_protocol(runtime, reference_networks, "aucp", paths, labels, time.time())
     if not runtime.is_main:  # rank 0 wrote it; it hands it to the others
         return distributed.broadcast(None)
     with open(reference) as f:
         return distributed.broadcast(json.load(f))
 
 
-def reference_out_of_date(path, networks):
-    """None when the known-healthy reference at `path` was computed by these networks with these settings, else
-    why it must be computed (again)."""
+def reference_out_of_date(path, networks, paths):
+    """None when the known-healthy reference at `path` was computed by these networks with these settings on these
+    slices of the run's data, else why it must be computed (again)."""
     if not os.path.isfile(path):
         return "does not exist yet"
     try:
@@ -230,5 +253,5 @@ def reference_out_of_date(path, networks):
             saved = json.load(f)
     except ValueError:  # a torn file (a write cut short)
         return "cannot be read"
-    why = cache_keys.stale_reason(saved.get("made_with"), cache_keys.scoring_key(networks))
+    why = cache_keys.stale_reason(saved.get("made_with"), cache_keys.scoring_key(networks, paths))
     return why and f"is out of date ({why})"

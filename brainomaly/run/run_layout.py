@@ -10,10 +10,14 @@ RUN_DIR/
         ITER/{refined,calibrated,coarse}/scores_FOLDER.csv, maps_score_FOLDER/   (score mode)
         aucp_selection.{json,csv}, inductive_by_iteration.{json,csv}, transductive_by_iteration.{json,csv}
         learning_curve.png
+        on_NAME/                                      (the same files for a protocol run on another dataset,
+                                                       data/NAME: never the run's own reference or pick)
 """
 import csv
+import hashlib
 import json
 import os
+import re
 
 from brainomaly.atomic_files import atomic_output
 from brainomaly.decisions import Reconstruction
@@ -37,6 +41,32 @@ def iteration_dir(result_dir, iteration):
 
 def sweep_table(result_dir, protocol, extension):
     return os.path.join(result_dir, f"{SWEEP_NAMES[protocol]}.{extension}")
+
+
+def results_on(result_dir, image_dir):
+    """The folder of results on image_dir, a dataset the run was not trained on: RESULT_DIR/on_NAME (NAME: the
+    dataset folder's name), beside the run's own results; where on_NAME holds results on another folder of the same
+    name (its data.json), on_NAME-HASH (a hash of the resolved path)."""
+    resolved = os.path.realpath(image_dir)
+    folder = os.path.join(result_dir, "on_" + (re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(resolved)) or "data"))
+    try:
+        with open(data_record(folder)) as f:
+            recorded = json.load(f).get("data_folder")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded not in (None, resolved):
+        folder += "-" + hashlib.sha256(resolved.encode()).hexdigest()[:8]
+    return folder
+
+
+def data_record(folder):
+    """on_NAME/data.json: which dataset folder the results in `folder` were computed on."""
+    return os.path.join(folder, "data.json")
+
+
+def own_results(config):
+    """The run's own result folder, also while config.result_dir names the folder of another dataset's results."""
+    return getattr(config, "run_result_dir", None) or config.result_dir
 
 
 def refiner_check(result_dir, iteration):

@@ -17,8 +17,8 @@ from brainomaly.errors import UserError
 from brainomaly.evaluate import intensity_correction, scoring
 from brainomaly.evaluate.checkpoint_selection import select_checkpoint, selected_checkpoint
 from brainomaly.evaluate.scoring_networks import ScoringNetworks
+from brainomaly.run import cache_keys, run_config, run_layout
 from brainomaly.run import checkpoint as ckpt
-from brainomaly.run import run_config, run_layout
 from brainomaly.run.networks import build_refiner, load_generator, model_path, resolve_iteration, saved_config
 from brainomaly.run.training_log import TrainingLogger
 from brainomaly.train.ema import EMA
@@ -103,7 +103,8 @@ def holdout_check(runtime, config, iteration, generator, refiner, paths, correct
     scores = {"refined": scoring.score_slices(runtime, networks, scored, list(beside.values())),  # one pass
               **{name: consumer.scores for name, consumer in beside.items()}}
     pids, labels = [dataset_layout.patient_id(p) for p in scored], [0] * len(paths) + [1] * len(mixed)
-    check = {"held_out_slices": len(paths), "held_out_patients": len({dataset_layout.patient_id(p) for p in paths})}
+    check = {"held_out_slices": len(paths), "held_out_patients": len({dataset_layout.patient_id(p) for p in paths}),
+             **cache_keys.data_key(config.image_dir, scored)}
     patients = metrics.aggregate_patients(pids, scores["refined"], labels)
     patient_scores = {name: metrics.aggregate_patients(pids, values)["score"] for name, values in scores.items()}
     bootstrap = decisions.PairedBootstrap(patients["label"], seed=config.seed)
