@@ -176,6 +176,10 @@ def build_parser():
                         "none yet starts at iteration 0, so one command serves the first start and every restart), "
                         "with the run's own settings from its config.json for every training flag not typed; "
                         "stage 2 (train.sh passes it on) continues its one latest state whatever the number")
+    t.add_argument("--set_aside_newer", type=str2bool, nargs="?", const=True, default=False,
+                   help="with --resume_iters ITER where the run holds checkpoints after ITER: move them (with their "
+                        "refiners, results and sample grids) into set_aside_after_ITER/ folders and train again from "
+                        "ITER; without it such a resume is refused, since it would overwrite them")
     t.add_argument("--preload", choices=("auto", "on", "off"), default="auto",
                    help="hold decoded training slices in memory (auto: when they fit in 3 GiB)")
     t.add_argument("--g_ema", type=float, default=0.999,

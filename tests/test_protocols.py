@@ -10,6 +10,7 @@ from conftest import SLICES_PER_PATIENT, TINY_FLAGS
 
 from brainomaly.data.dataset_layout import patient_id, protocol_slices
 from brainomaly.data.healthy_split import draw_split as known_healthy_split
+from brainomaly.run.cache_keys import file_fingerprint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,7 +142,8 @@ def test_a_sweep_over_checkpoints_scored_with_different_reconstructions_writes_e
     refiner = torch.load(os.path.join(models, "4-R.ckpt"), weights_only=True)
     for iteration, helps in ((2, False), (4, True)):
         check = {**refiner["holdout_check"], "refiner_helps": helps, "fallback": "calibrated"}
-        torch.save({**refiner, "refines": iteration, "holdout_check": check},
+        torch.save({**refiner, "refines": iteration, "holdout_check": check,  # a refiner of checkpoint ITER's G
+                    "refines_weights": file_fingerprint(os.path.join(models, f"{iteration}-G.ckpt"))},
                    os.path.join(models, f"{iteration}-R.ckpt"))
     sweep = run(["bash", f"{REPO}/test_aucp.sh", "Toy", "all", "--num_workers", "0"], work)
     assert sweep.returncode == 0, sweep.stderr[-2000:]

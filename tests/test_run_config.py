@@ -121,3 +121,38 @@ def test_a_run_whose_data_moved_to_another_folder_scores_aucp_over_its_held_out_
                       "--num_workers", "0"]) == 0
     rows = read_csv(f"{run_dir}/results/2/coarse/aucp.csv")
     assert sorted(row["pid"] for row in rows if row["label"] == "0") == held_out
+
+
+def file_bytes(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, name))}
+
+
+def test_a_resume_from_an_older_checkpoint_is_refused_unless_the_newer_ones_are_set_aside(toy_dataset, tmp_path,
+                                                                                             capsys):
+    """--resume_iters 3 with checkpoint 6 saved would train 4-6 again and overwrite 6 (and leave its refiner and
+    results paired with another generator): refused; --set_aside_newer moves them aside, nothing is lost."""
+    run_dir = str(tmp_path / "run")
+    models = f"{run_dir}/models"
+    flags = [*TINY_FLAGS, "--num_iters", "6", "--model_save_step", "3", "--sample_step", "3"]
+    assert train(toy_dataset, run_dir, *flags) == 0
+    assert main.main(["--mode", "test_aucp", "--image_dir", toy_dataset, "--run_dir", run_dir, "--test_iters", "6",
+                      "--num_workers", "0"]) == 0
+    before = file_bytes(models)
+    capsys.readouterr()
+    assert train(toy_dataset, run_dir, "--resume_iters", "3", "--num_workers", "0") == 2
+    err = capsys.readouterr().err
+    assert (f"--resume_iters 3 would train again from iteration 3 and overwrite the newer checkpoint(s) 6 in "
+            f"{models}") in err and "--set_aside_newer" in err and "Traceback" not in err
+    assert file_bytes(models) == before
+
+    assert train(toy_dataset, run_dir, "--resume_iters", "3", "--set_aside_newer", "--num_workers", "0") == 0
+    out = capsys.readouterr().out
+    aside = f"{models}/set_aside_after_3"
+    assert f"Moved the checkpoint(s) after iteration 3 to {aside}" in out
+    kept = file_bytes(aside)
+    assert {name: kept[name] for name in before if name.startswith("6-")} == \
+        {name: data for name, data in before.items() if name.startswith("6-")}
+    assert os.path.isfile(f"{run_dir}/results/set_aside_after_3/6/coarse/aucp.json")
+    assert not os.path.exists(f"{run_dir}/results/6")
+    assert os.path.isfile(f"{models}/6-G.ckpt") and os.path.isfile(f"{models}/3-G.ckpt")

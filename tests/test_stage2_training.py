@@ -6,7 +6,9 @@ import torch
 from conftest import TINY_FLAGS
 
 import data_loader
+import main
 from brainomaly.data import dataset_layout, healthy_split
+from brainomaly.run.cache_keys import file_fingerprint
 from brainomaly.run.networks import build_refiner, model_path
 from brainomaly.train.ema import EMA
 from brainomaly.train.stage2_refiner import (
@@ -97,3 +99,44 @@ def test_the_held_out_check_fails_a_refiner_that_erases_the_disease_with_the_gan
     check = holdout_check(runtime, config, 0, generator, half, held_out)
     assert check["refined_error"] < 0.6 * check["coarse_error"]
     assert check["aucp_refined"] == check["aucp_coarse"] and check["refiner_helps"]
+
+
+def test_a_refiner_whose_generator_was_trained_again_is_not_used(toy_dataset, tmp_path, capsys):
+    """ITER-R.ckpt refines the ITER-G.ckpt it was trained on: after G is replaced (trained again), --refiner auto
+    scores without it and says so, --refiner on refuses; a refiner saved before refiners recorded their G is used
+    as before, with a note."""
+    run_dir = str(tmp_path / "run")
+    models = f"{run_dir}/models"
+    base = ["--image_dir", toy_dataset, "--run_dir", run_dir, *TINY_FLAGS]
+    assert main.main(["--mode", "train", *base, "--num_iters", "2", "--model_save_step", "2"]) == 0
+    assert main.main(["--mode", "train_refiner", *base, "--refine_from", "2", "--refiner_iters", "2"]) == 0
+    test = ["--mode", "test_inductive", *base, "--test_iters", "2"]
+    g_path, r_path = f"{models}/2-G.ckpt", f"{models}/2-R.ckpt"
+    refiner = torch.load(r_path, weights_only=True)
+    assert refiner["refines_weights"] == file_fingerprint(g_path)
+    assert torch.load(f"{models}/2-R-state.ckpt", weights_only=True)["refines_weights"] == refiner["refines_weights"]
+
+    generator = torch.load(g_path, weights_only=True)  # G trained again: other weights in the same file
+    for value in generator["state_dict"].values():
+        if value.is_floating_point():
+            value.add_(0.01)
+    torch.save(generator, g_path)
+    capsys.readouterr()
+    assert main.main([*test, "--refiner", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert (f"WARNING: the refiner {r_path} was trained on another {g_path} than the one there now (the generator "
+            f"was trained again since), so --refiner auto scores checkpoint 2 without it") in out
+    assert "checkpoint 2 (coarse reconstruction)" in out
+    assert main.main([*test, "--refiner", "on"]) == 2
+    err = capsys.readouterr().err
+    assert f"--refiner on, but the refiner {r_path} was trained on another {g_path}" in err and "Traceback" not in err
+    assert main.main(["--mode", "train_refiner", *base, "--refine_from", "2", "--refiner_iters", "2",
+                      "--resume_iters", "latest"]) == 2  # nor is its training state continued on the new G
+    assert f"{models}/2-R-state.ckpt continues a refiner trained on another {g_path}" in capsys.readouterr().err
+
+    del refiner["refines_weights"]  # a refiner saved before the fingerprint: used as before, with a note
+    torch.save(refiner, r_path)
+    assert main.main([*test, "--refiner", "on"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {r_path} does not record which generator weights it refines" in out
+    assert "checkpoint 2 (refined reconstruction)" in out

@@ -75,6 +75,20 @@ def saved_iterations(model_dir, *parts):
     return sorted(i for i, have in found.items() if set(parts) <= have)
 
 
+CHECKPOINT_FILE_PATTERN = re.compile(r"^(\d+)-(G|D|state|R|R-state)\.ckpt$|^(\d+)-intensity\.json$")
+
+
+def files_after(model_dir, iteration):
+    """{iteration: [file names]} of every checkpoint file (any part, and the intensity correction) of an iteration
+    after `iteration` in model_dir."""
+    found = {}
+    for name in sorted(os.listdir(model_dir)) if os.path.isdir(model_dir) else []:
+        match = CHECKPOINT_FILE_PATTERN.match(name)
+        if match and int(match.group(1) or match.group(3)) > iteration:
+            found.setdefault(int(match.group(1) or match.group(3)), []).append(name)
+    return dict(sorted(found.items()))
+
+
 def missing_checkpoint_error(model_dir, iteration, part, what, flag="ITER"):
     """flag: where the user names the iteration (ITER of the test scripts, --resume_iters, --refine_from)."""
     existing = saved_iterations(model_dir, part)

@@ -6,6 +6,7 @@ from brainomaly import decisions, distributed
 from brainomaly.errors import UserError
 from brainomaly.run import checkpoint as ckpt
 from brainomaly.run import run_layout
+from brainomaly.run.cache_keys import file_fingerprint
 from diffusion_refiner import REFINER_ARCHITECTURE_FLAGS, RefinerUNet, ResidualDiffusion
 from model import ARCHITECTURE_FLAGS, Discriminator, Generator
 
@@ -70,6 +71,28 @@ def load_generator(runtime, config, iteration):
     return runtime.compiled(runtime.prepare(generator).eval().requires_grad_(False)), config, saved["config"]
 
 
+_noted = set()
+
+
+def refines_this_generator(config, iteration, saved, path):
+    """Whether the refiner checkpoint `saved` (read from `path`) was trained on the ITER-G.ckpt there now (the hash it
+    records, cache_keys.file_fingerprint). One saved before refiners recorded it counts as before, with a note."""
+    g_path = model_path(config, iteration, "G")
+    if saved.get("refines_weights") is None:
+        if path not in _noted:
+            _noted.add(path)
+            distributed.main_print(f"note: {path} does not record which generator weights it refines (saved before "
+                                   f"refiners recorded them): used as before, unchecked against {g_path}.")
+        return True
+    return saved["refines_weights"] == file_fingerprint(g_path)
+
+
+def retrain_hint(config, iteration):
+    r_path, state_path = model_path(config, iteration, "R"), model_path(config, iteration, "R-state")
+    return (f"move {r_path} and {state_path} aside and train stage 2 for it again (python main.py --mode "
+            f"train_refiner --refine_from {iteration} ...)")
+
+
 def load_refiner(runtime, config, iteration):
     """(refiner of checkpoint ITER per --refiner: None to score without it, or the EMA refiner in eval mode;
     config with its architecture; the reconstruction to score with: decisions.scored_reconstruction, from the
@@ -81,6 +104,18 @@ def load_refiner(runtime, config, iteration):
                         f"Fix: train stage 2 for it (python main.py --mode train_refiner --refine_from "
                         f"{iteration} ...), or score without it (--refiner off or --refiner calibrate).")
     saved = ckpt.load(path) if has_refiner and choice in ("on", "auto") else None
+    if saved is not None and not refines_this_generator(config, iteration, saved, path):
+        if choice == "on":
+            raise UserError(f"--refiner on, but the refiner {path} was trained on another "
+                            f"{model_path(config, iteration, 'G')} than the one there now (the generator was trained "
+                            f"again since).\nFix: {retrain_hint(config, iteration)}, or score without it (--refiner "
+                            f"off or --refiner calibrate).")
+        distributed.main_print(f"WARNING: the refiner {path} was trained on another "
+                               f"{model_path(config, iteration, 'G')} than the one there now (the generator was "
+                               f"trained again since), so --refiner auto scores checkpoint {iteration} without it, "
+                               f"with the coarse reconstruction.\n"
+                               f"Fix: {retrain_hint(config, iteration)}.")
+        return None, config, str(decisions.Reconstruction.COARSE)
     check = saved.get("holdout_check") if saved else None
     reconstruction = decisions.scored_reconstruction(choice, has_refiner, check)
     if reconstruction != decisions.Reconstruction.REFINED:

@@ -22,6 +22,7 @@ import re
 from brainomaly.atomic_files import atomic_output
 from brainomaly.decisions import Reconstruction
 from brainomaly.errors import UserError
+from brainomaly.run import checkpoint as ckpt
 
 # config key -> its default folder under --run_dir
 RUN_FOLDERS = {"log_dir": "logs", "model_save_dir": "models", "sample_dir": "samples", "result_dir": "results"}
@@ -108,6 +109,38 @@ class CheckpointResults:
 
     def folder_maps(self, tag):
         return os.path.join(self.folder, f"maps_score_{tag}")
+
+
+def set_aside_after(config, iteration):
+    """Move what the run holds of the iterations after ITER (their checkpoints, refiners and intensity corrections,
+    their results and sample grids) into set_aside_after_ITER/ of the models, results and samples folders (a new
+    folder each time: set_aside_after_ITER-2, ...), and the result tables over checkpoints into the results one, so
+    that a resume from ITER overwrites none of them. Returns the models' folder they went to, or None (nothing)."""
+    newer = ckpt.files_after(config.model_save_dir, iteration)
+    if not newer:
+        return None
+    name = f"set_aside_after_{iteration}"
+    suffix, n = "", 1
+    while any(os.path.exists(os.path.join(folder, name + suffix))
+              for folder in (config.model_save_dir, config.result_dir, config.sample_dir)):
+        n += 1
+        suffix = f"-{n}"
+    moves = [(os.path.join(config.model_save_dir, file), os.path.join(config.model_save_dir, name + suffix, file))
+             for files in newer.values() for file in files]
+    for later in newer:
+        moves.append((iteration_dir(config.result_dir, later),
+                      os.path.join(config.result_dir, name + suffix, str(later))))
+        moves.append((os.path.join(config.sample_dir, f"{later}-images.png"),
+                      os.path.join(config.sample_dir, name + suffix, f"{later}-images.png")))
+    for table in [*SWEEP_NAMES.values(), "learning_curve"]:
+        for extension in ("json", "csv", "png"):
+            file = f"{table}.{extension}"
+            moves.append((os.path.join(config.result_dir, file), os.path.join(config.result_dir, name + suffix, file)))
+    for source, target in moves:
+        if os.path.exists(source):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(source, target)
+    return os.path.join(config.model_save_dir, name + suffix)
 
 
 def write_json(payload, path, what="result"):

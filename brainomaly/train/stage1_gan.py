@@ -21,7 +21,7 @@ from brainomaly import distributed, seeds, visualize
 from brainomaly.data import dataset_check, dataset_layout, healthy_split, preparation_record, slice_files
 from brainomaly.errors import UserError
 from brainomaly.run import checkpoint as ckpt
-from brainomaly.run import run_config
+from brainomaly.run import run_config, run_layout
 from brainomaly.run.networks import build_stage1, model_path, refuse_to_overwrite, saved_config
 from brainomaly.run.training_log import TrainingLogger
 from brainomaly.train import diff_augment
@@ -164,18 +164,38 @@ def save_stage1(config, state):
 
 def resume_iteration(config):
     """The checkpoint --resume_iters names ('latest': the newest with G, D and the training state, or None when
-    there is none yet: the first start of a requeued job, where the same command starts and resumes)."""
+    there is none yet: the first start of a requeued job, where the same command starts and resumes). A resume that
+    would train again over newer checkpoints is refused, or with --set_aside_newer moves them aside first."""
     model_dir = config.model_save_dir
     if config.resume_iters == "latest":
         saved = ckpt.saved_iterations(model_dir, "G", "D", "state")
         if not saved:
             distributed.main_print(f"No stage-1 checkpoint in {model_dir} yet: starting from iteration 0.")
             return None
-        return saved[-1]
-    iteration = config.resume_iters
-    for part in ("G", "D", "state"):
-        if not os.path.isfile(model_path(config, iteration, part)):
-            raise ckpt.missing_checkpoint_error(model_dir, iteration, part, "needed to resume", "--resume_iters")
+        iteration = saved[-1]
+    else:
+        iteration = config.resume_iters
+        for part in ("G", "D", "state"):
+            if not os.path.isfile(model_path(config, iteration, part)):
+                raise ckpt.missing_checkpoint_error(model_dir, iteration, part, "needed to resume", "--resume_iters")
+    # checkpoints: a half-written set (D, state, no G: a save cut short) counts as none, and is written again.
+    # Rank 0's listing, so that every rank takes the same branch (and meets the same barrier) below
+    newer = distributed.broadcast([later for later, files in ckpt.files_after(model_dir, iteration).items()
+                                   if {f"{later}-{part}.ckpt" for part in ("G", "R", "R-state")} & set(files)]
+                                  if distributed.is_main() else None)
+    if newer and not getattr(config, "set_aside_newer", False):
+        raise UserError(f"--resume_iters {config.resume_iters} would train again from iteration {iteration} and "
+                        f"overwrite the newer checkpoint(s) {', '.join(map(str, newer))} in {model_dir} (and leave "
+                        f"their refiners and results paired with other weights).\nFix: "
+                        + ("continue from the newest with --resume_iters latest, or " if config.resume_iters != "latest"
+                           else "") + f"add --set_aside_newer to move the newer checkpoints, their "
+                        f"refiners, results and sample grids into set_aside_after_{iteration}/ folders first.")
+    if newer:
+        if distributed.is_main():
+            folder = run_layout.set_aside_after(config, iteration)
+            print(f"Moved the checkpoint(s) after iteration {iteration} to {folder} (their results and sample grids "
+                  f"to set_aside folders beside them); training again from iteration {iteration}.")
+        distributed.barrier()
     return iteration
 
 

@@ -174,25 +174,33 @@ class Stage2State:
         self.step = state["refiner_iteration"]
 
 
-def save_stage2(config, iteration, state, *, check=None, final=False):
+def save_stage2(config, iteration, state, *, check=None, final=False, refines_weights=None):
     """ITER-R-state (raw weights, EMA, optimiser, stream position, noise generator); when training has ended
     (final), then ITER-R (EMA weights and the held-out check). Periodic saves write no ITER-R, so scoring never
-    picks up a half-trained refiner that has not passed the held-out check."""
+    picks up a half-trained refiner that has not passed the held-out check. Both record refines_weights, the hash
+    of the ITER-G.ckpt the refiner was trained on (cache_keys.file_fingerprint; default: the one there now)."""
     saved = saved_config(config)
-    ckpt.atomic_save({**state.state_dict(), "config": saved}, model_path(config, iteration, "R-state"),
-                     "refiner training state")
+    g_path = model_path(config, iteration, "G")
+    if refines_weights is None and os.path.isfile(g_path):
+        refines_weights = cache_keys.file_fingerprint(g_path)
+    ckpt.atomic_save({**state.state_dict(), "config": saved, "refines_weights": refines_weights},
+                     model_path(config, iteration, "R-state"), "refiner training state")
     if not final:
         return
     # R last: scoring treats ITER-R.ckpt as "the refiner of ITER exists". When writing it fails, the complete
     # ITER-R-state of the last step stays: --resume_iters latest goes straight to the check and this save.
     ckpt.atomic_save({"state_dict": state.ema.model.state_dict(), "config": saved, "refines": iteration,
-                      "refiner_iteration": state.step, "holdout_check": check}, model_path(config, iteration, "R"),
-                     "refiner checkpoint")
+                      "refines_weights": refines_weights, "refiner_iteration": state.step, "holdout_check": check},
+                     model_path(config, iteration, "R"), "refiner checkpoint")
 
 
-def restore_stage2(config, iteration, state):
-    """Load what save_stage2 wrote for ITER into state; returns the refiner iteration to continue from."""
-    state.load_state_dict(ckpt.load(model_path(config, iteration, "R-state")))
+def restore_stage2(config, iteration, state, refines_weights=None):
+    """Load what save_stage2 wrote for ITER into state; returns the refiner iteration to continue from. A state
+    trained on another ITER-G.ckpt than refines_weights (the one there now) is refused."""
+    path = model_path(config, iteration, "R-state")
+    saved = ckpt.load(path)
+    check_refined_generator(saved, path, model_path(config, iteration, "G"), refines_weights)
+    state.load_state_dict(saved)
     start = state.step
     if isinstance(config.resume_iters, int) and config.resume_iters != start:
         # train.sh hands stage 1's --resume_iters N to stage 2 too; the refiner keeps only its latest state
@@ -200,6 +208,21 @@ def restore_stage2(config, iteration, state):
                                f"only its latest state and continues that.)")
     distributed.main_print(f"Resumed stage 2 of checkpoint {iteration} from refiner iteration {start}.")
     return start
+
+
+def check_refined_generator(saved, path, g_path, refines_weights):
+    """Refuse to continue the refiner state `saved` (from `path`) on a generator other than the one it was trained on;
+    a state saved before refiners recorded their generator continues as before."""
+    if refines_weights is None or "refines_weights" not in saved:
+        if refines_weights is not None:
+            distributed.main_print(f"note: {path} does not record which generator weights it refines (saved "
+                                   f"before refiners recorded them): continuing it as before, unchecked against "
+                                   f"{g_path}.")
+        return
+    if saved["refines_weights"] != refines_weights:
+        raise UserError(f"{path} continues a refiner trained on another {g_path} than the one there now (the "
+                        f"generator was trained again since).\nFix: move {path} aside and train stage 2 for this "
+                        f"checkpoint afresh (without --resume_iters).")
 
 
 def train_refiner(runtime, config):
@@ -218,6 +241,7 @@ def train_refiner(runtime, config):
                                 mixed_in_batches=False)  # the refiner trains on known-healthy slices alone
     iteration, bar = refine_from_iteration(runtime, c)
     generator, c, trained_with = load_generator(runtime, c, iteration)
+    refines_weights = cache_keys.file_fingerprint(model_path(c, iteration, "G"))  # the G this refiner refines
     r_path, state_path = model_path(c, iteration, "R"), model_path(c, iteration, "R-state")
     resume = c.resume_iters is not None and os.path.isfile(state_path)
     for path in (r_path, state_path):
@@ -242,7 +266,7 @@ def train_refiner(runtime, config):
                         stream=healthy,
                         noise_generator=torch.Generator(runtime.device).manual_seed(
                             seeds.seed(c.seed, "refiner_noise")))
-    start = restore_stage2(c, iteration, state) if resume else 0
+    start = restore_stage2(c, iteration, state, refines_weights) if resume else 0
     if ranks > 1:
         distributed.main_print(f"Stage 2: {ranks} ranks x batch {c.refiner_batch_size} = global batch "
                                f"{ranks * c.refiner_batch_size} healthy slices.")
@@ -270,7 +294,7 @@ def train_refiner(runtime, config):
             loop.log(step, {"R/loss_diffusion": loss.item()})
         if writes and step % c.model_save_step == 0 and step < c.refiner_iters:
             loop.check()
-            save_stage2(c, iteration, state)
+            save_stage2(c, iteration, state, refines_weights=refines_weights)
     loop.check()
     loop.close()
     correction = intensity_correction.for_checkpoint(runtime, c, iteration, generator, trained_with)
@@ -279,6 +303,6 @@ def train_refiner(runtime, config):
     if not writes:
         return
     state.step = c.refiner_iters
-    save_stage2(c, iteration, state, check=check, final=True)
+    save_stage2(c, iteration, state, check=check, final=True, refines_weights=refines_weights)
     report_holdout_check(check, c, iteration)
     print(f"Stage 2 done: {r_path} refines {model_path(c, iteration, 'G')}.")
