@@ -156,3 +156,37 @@ def test_a_resume_from_an_older_checkpoint_is_refused_unless_the_newer_ones_are_
     assert os.path.isfile(f"{run_dir}/results/set_aside_after_3/6/coarse/aucp.json")
     assert not os.path.exists(f"{run_dir}/results/6")
     assert os.path.isfile(f"{models}/6-G.ckpt") and os.path.isfile(f"{models}/3-G.ckpt")
+
+
+def test_scoring_and_the_pick_take_the_runs_recorded_flags_unless_typed(toy_dataset, tmp_path, capsys):
+    """The run's --select, --select_candidates, --score_region, --ddim_steps and --refiner_samples (recorded in
+    config.json) are what its protocols and its pick use when the command does not type them: the refiner's check
+    was made with them, and the pick the refiner was trained on was made by them."""
+    run_dir = str(tmp_path / "run")
+    results = f"{run_dir}/results"
+    recorded = ["--select", "max", "--select_candidates", "coarse", "--score_region", "image", "--refiner_samples", "2"]
+    assert train(toy_dataset, run_dir, *TINY_FLAGS, *recorded, "--num_iters", "4", "--model_save_step", "2") == 0
+    assert main.main(["--mode", "train_refiner", "--image_dir", toy_dataset, "--run_dir", run_dir, "--refine_from", "4",
+                      "--refiner_iters", "2", "--num_workers", "0", "--use_tensorboard", "false"]) == 0
+    scoring = ["--image_dir", toy_dataset, "--run_dir", run_dir, "--num_workers", "0"]
+    capsys.readouterr()
+    assert main.main(["--mode", "test_aucp", *scoring, "--test_iters", "all"]) == 0
+    out = capsys.readouterr().out
+    assert ("Scoring with this run's settings (its config.json; a typed flag overrides one): --score_region image, "
+            "--ddim_steps 2, --refiner_samples 2, --select max, --select_candidates coarse.") in out
+    selection = json.load(open(f"{results}/aucp_selection.json"))
+    assert (selection["rule"], selection["candidate_set"]) == ("max", "coarse")
+    assert selection["best_reconstruction"] == "coarse"
+
+    assert main.main(["--mode", "test_inductive", *scoring, "--test_iters", "4", "--refiner", "on"]) == 0
+    result = json.load(open(f"{results}/4/refined/inductive.json"))
+    assert (result["score_region"], result["ddim_steps"], result["refiner_samples"]) == ("image", 2, 2)
+    assert main.main(["--mode", "test_inductive", *scoring, "--test_iters", "4", "--refiner", "on",
+                      "--ddim_steps", "1"]) == 0
+    assert "--ddim_steps 1 typed (this run records 2): scoring with 1." in capsys.readouterr().out
+    assert json.load(open(f"{results}/4/refined/inductive.json"))["ddim_steps"] == 1
+
+    # a typed rule is used, and said to differ from the run's
+    assert main.main(["--mode", "test_aucp", *scoring, "--test_iters", "all", "--select", "last"]) == 0
+    assert "--select last typed (this run records max): scoring with last." in capsys.readouterr().out
+    assert json.load(open(f"{results}/aucp_selection.json"))["rule"] == "last"

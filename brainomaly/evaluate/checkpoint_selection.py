@@ -9,7 +9,7 @@ from brainomaly import decisions
 from brainomaly.data import dataset_layout
 from brainomaly.evaluate.protocols import NEPTUNE_KEYS, PROTOCOLS, print_result, results_for_data, run_protocol
 from brainomaly.run import checkpoint as ckpt
-from brainomaly.run import run_layout
+from brainomaly.run import run_config, run_layout
 from brainomaly.run.networks import resolve_iteration
 from brainomaly.run.settings import replace_config
 from brainomaly.run.training_log import start_neptune
@@ -117,7 +117,7 @@ def selected_checkpoint(result_dir):
 def test(runtime, config, name):
     """--mode test_NAME: protocol NAME at --test_iters (an iteration, latest, or all checkpoints); on a dataset the
     run was not trained on, written beside the run's own results (protocols.results_for_data)."""
-    config = results_for_data(config)
+    config = results_for_data(run_config.with_run_scoring_flags(config))
     if config.test_iters == "all":
         checkpoint_sweep(runtime, config, name)
         return

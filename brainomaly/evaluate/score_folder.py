@@ -12,7 +12,7 @@ from brainomaly.errors import UserError
 from brainomaly.evaluate import scoring, volume_scoring
 from brainomaly.evaluate.protocols import known_healthy_reference
 from brainomaly.evaluate.scoring_networks import load_for_scoring
-from brainomaly.run import run_layout
+from brainomaly.run import run_config, run_layout
 from brainomaly.run.networks import resolve_iteration
 
 
@@ -33,7 +33,7 @@ def refuse_shared_patient_ids(paths):
 
 def score_folder(runtime, config):
     """Score --image_dir (every image below it, or NIfTI volumes) with --test_iters; one CSV row per patient."""
-    c = config
+    c = run_config.with_run_scoring_flags(config)  # scored as the run's known-healthy reference and check were
     folder = c.image_dir
     volume_scoring.require_csv_name(c.output)
     volumes = volume_scoring.find_volumes(folder)

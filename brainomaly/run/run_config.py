@@ -36,6 +36,9 @@ RUN_FLAGS = ARCHITECTURE_FLAGS + (
     "refiner_iters", "refine_from", "refiner_batch_size", "refiner_lr", "refiner_ema",
     "score_region", "ddim_steps", "refiner_samples", "select", "select_candidates",  # the pick stage 2 refines
 )
+# what scoring and the label-free pick read of the run (all in RUN_FLAGS): the protocols, score mode and the sweep
+# take the run's values unless typed, so that they score as its refiner's check and its pick did
+SCORING_FLAGS = ("score_region", "ddim_steps", "refiner_samples", "select", "select_candidates", "seed")
 # which known-healthy patients the run trains on follows from these: never changed by a resume
 FIXED_FLAGS = ("seed", "healthy_holdout")
 HISTORY_KEY = "history"  # in config.json only: the flags changed on a resume or at stage 2, and when
@@ -93,6 +96,30 @@ def continue_run(config, saved, what):
         until = "to" if key in ("num_iters", "refiner_iters") else "with"
         distributed.main_print(f"--{key} {before} -> {after}: continuing {until} {after} ({what}).")
     return replace_config(config, **taken), changes
+
+
+def with_run_scoring_flags(config):
+    """config with the run's recorded SCORING_FLAGS where the command did not type them (a run without a record: as
+    typed or defaulted). Prints once what it took that differs from the defaults, and each typed value that differs
+    from the run's."""
+    saved = saved_run_settings(config.model_save_dir)
+    if saved is None:
+        return config
+    taken, typed = {}, []
+    for key in SCORING_FLAGS:
+        if key not in saved or saved[key] == getattr(config, key):
+            continue
+        if key in config.explicit_flags:
+            typed.append(f"--{key} {getattr(config, key)} typed (this run records {saved[key]}): scoring with "
+                         f"{getattr(config, key)}.")
+        else:
+            taken[key] = saved[key]
+    if taken:
+        distributed.main_print("Scoring with this run's settings (its config.json; a typed flag overrides one): "
+                               + ", ".join(f"--{key} {value}" for key, value in taken.items()) + ".")
+    for line in typed:
+        distributed.main_print(line)
+    return replace_config(config, **taken)
 
 
 def write_run_config(config, saved_config, changes=None, what=""):
