@@ -84,14 +84,15 @@ fi
 # stages as this recipe does (docs/reproducibility.md, "Resume")
 "$PYTHON" "$repo_root/main.py" --mode train "${common[@]}" "${stage1[@]}" "${stage2[@]}" "$@"
 "$PYTHON" "$repo_root/main.py" --mode train_refiner "${common[@]}" "${stage2[@]}" "$@"   # picks the checkpoint by AUCp
-best=$("$PYTHON" -c "import json; print(json.load(open('$run/results/aucp_selection.json'))['best_iteration'])")
+# (paths go to Python as arguments, never inside its code: a quote in a dataset name must not end a string)
+best=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["best_iteration"])' "$run/results/aucp_selection.json")
 protocols=(aucp transductive)  # AUCp first: its known-healthy maps set every panel's colour scale
 has_test=false
 [ -d "$data/test/pos" ] && [ -d "$data/test/neg" ] && has_test=true && protocols+=(inductive)
-rho=()
+rho=()  # (expanded as ${rho[@]+...}: an empty array under set -u is an error on bash before 4.4, e.g. macOS's)
 [ "$name" = Demo ] && rho=(--rho 0.6)  # the cohort's healthy share of the mixed set (48 of 80 subjects)
 for protocol in "${protocols[@]}"; do
-  "$PYTHON" "$repo_root/main.py" --mode "test_$protocol" "${common[@]}" "${stage2[@]}" --test_iters "$best" --save_maps 4 "${rho[@]}" "$@"
+  "$PYTHON" "$repo_root/main.py" --mode "test_$protocol" "${common[@]}" "${stage2[@]}" --test_iters "$best" --save_maps 4 ${rho[@]+"${rho[@]}"} "$@"
 done
 if [ -f "$run/models/$best-R.ckpt" ] && [ ! -f "$run/results/$best/refined/aucp.json" ]; then
   # auto scored x_c (the refiner failed its held-out check): score x_r as well, so the table shows what it did

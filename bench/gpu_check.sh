@@ -55,7 +55,7 @@ common=(--device "$device" --image_dir "$data" --run_dir "$run" --use_tensorboar
 train_done=$(date +%s)
 "$PYTHON" main.py --mode train_refiner "${common[@]}" --refiner_iters "$refiner_iters"
 refiner_done=$(date +%s)
-best=$("$PYTHON" -c "import json; print(json.load(open('$run/results/aucp_selection.json'))['best_iteration'])")
+best=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["best_iteration"])' "$run/results/aucp_selection.json")
 for protocol in aucp transductive inductive; do
   "$PYTHON" main.py --mode "test_$protocol" "${common[@]}" --test_iters "$best"
 done

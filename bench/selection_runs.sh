@@ -33,7 +33,7 @@ study_run() {  # NAME COHORT [stage-1 flags]
     "$PYTHON" main.py --mode "test_$protocol" "${run[@]}" --test_iters all --refiner off > /dev/null
   done
   local best
-  best=$("$PYTHON" -c "import json; print(json.load(open('$runs/$name/results/aucp_selection.json'))['best_iteration'])")
+  best=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["best_iteration"])' "$runs/$name/results/aucp_selection.json")
   [ -f "$runs/$name/models/$best-R.ckpt" ] || "$PYTHON" main.py --mode train_refiner "${run[@]}" --refine_from "$best" "${stage2[@]}"
   "$PYTHON" main.py --mode test_inductive "${run[@]}" --test_iters "$best" --refiner on "${stage2[@]}" > /dev/null
 }
