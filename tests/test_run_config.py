@@ -10,6 +10,7 @@ from conftest import TINY_FLAGS
 from test_protocols import REPO, read_csv, run
 
 import main
+from brainomaly.run import run_config
 
 # a run unlike the defaults in every setting a resume could lose
 RUN_FLAGS = [*TINY_FLAGS, "--seed", "3", "--g_lr", "3e-4", "--d_lr", "2e-4", "--lambda_id", "5",
@@ -190,3 +191,14 @@ def test_scoring_and_the_pick_take_the_runs_recorded_flags_unless_typed(toy_data
     assert main.main(["--mode", "test_aucp", *scoring, "--test_iters", "all", "--select", "last"]) == 0
     assert "--select last typed (this run records max): scoring with last." in capsys.readouterr().out
     assert json.load(open(f"{results}/aucp_selection.json"))["rule"] == "last"
+
+
+def test_every_flag_is_recorded_by_the_run_or_named_as_not_changing_what_it_trains():
+    """A flag that changes what a run trains must be in RUN_FLAGS, or a resume and stage 2 silently use its
+    default instead of the run's value; every other flag is named, with why, in NOT_RECORDED."""
+    flags = {action.dest for action in main.build_parser()._actions if action.option_strings and action.dest != "help"}
+    recorded, exempt = set(run_config.RUN_FLAGS), set(run_config.NOT_RECORDED)
+    assert not recorded & exempt
+    assert flags - recorded - exempt == set(), "flags neither recorded nor named as not recorded"
+    assert (recorded | exempt) - flags == set(), "names of no flag"
+    assert set(run_config.SCORING_FLAGS) <= recorded

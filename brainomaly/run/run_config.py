@@ -36,6 +36,21 @@ RUN_FLAGS = ARCHITECTURE_FLAGS + (
     "refiner_iters", "refine_from", "refiner_batch_size", "refiner_lr", "refiner_ema",
     "score_region", "ddim_steps", "refiner_samples", "select", "select_candidates",  # the pick stage 2 refines
 )
+# every other flag of main.py, and why the run does not record it (tests/test_run_config.py: each flag is in one list)
+NOT_RECORDED = {
+    **dict.fromkeys(("mode", "resume_iters", "set_aside_newer", "test_iters"), "what a command does, not the run"),
+    **dict.fromkeys(("image_dir", "run_dir", "log_dir", "model_save_dir", "sample_dir", "result_dir", "output"),
+                    "where a command reads and writes (the run records the dataset it trained on and its split)"),
+    "refiner": "which reconstruction a command scores with",
+    **dict.fromkeys(("score_batch_size", "num_workers", "device", "compile", "compile_backend", "fused_adam",
+                     "deferred_finite_check", "preload_on_device", "keep_freed_memory"),
+                    "speed and placement: the same results (up to float rounding)"),
+    **dict.fromkeys(("bf16", "channels_last"), "the run records the fast path it chose (config.json, fast_path)"),
+    **dict.fromkeys(("rho", "save_maps", "flag_percentile", "prepared", "prepared_size", "min_brain_fraction",
+                     "slices"),
+                    "how a command reports or what it scores, not what the run trained"),
+    **dict.fromkeys(("use_tensorboard", "use_neptune", "neptune_id", "neptune_key"), "logging only"),
+}
 # what scoring and the label-free pick read of the run (all in RUN_FLAGS): the protocols, score mode and the sweep
 # take the run's values unless typed, so that they score as its refiner's check and its pick did
 SCORING_FLAGS = ("score_region", "ddim_steps", "refiner_samples", "select", "select_candidates", "seed")
