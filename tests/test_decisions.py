@@ -154,8 +154,13 @@ def test_the_selection_summary_holds_every_candidates_interval_and_its_paired_di
     for row in summary["candidates"]:
         assert row["aucp_low"] <= row["aucp"] <= row["aucp_high"]
         assert row["difference_low"] <= row["difference_from_pick"] <= row["difference_high"]
-    own = next(r for r in summary["candidates"] if r["iteration"] == chosen.iteration)
-    assert own["difference_low"] == own["difference_high"] == 0
+    # paired: the checkpoints score the same patients alike (their anatomy), so a difference from the pick varies far
+    # less over the draws than two independent AUCps would (the quadrature of their intervals' widths)
+    pick = next(r for r in summary["candidates"] if r["iteration"] == chosen.iteration)
+    for row in summary["candidates"]:
+        if row is not pick:
+            independent = np.hypot(row["aucp_high"] - row["aucp_low"], pick["aucp_high"] - pick["aucp_low"])
+            assert row["difference_high"] - row["difference_low"] < 0.6 * independent, row
 
 
 def test_the_coarse_only_candidate_set_never_picks_the_calibrated_reconstruction():
