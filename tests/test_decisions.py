@@ -7,6 +7,7 @@ from sklearn.metrics import roc_auc_score
 
 from brainomaly import decisions
 from brainomaly.decisions import Candidate, PairedBootstrap
+from brainomaly.evaluate import checkpoint_selection
 
 
 def test_the_bootstrap_point_auc_is_scikit_learns_roc_auc_ties_included():
@@ -161,6 +162,29 @@ def test_the_selection_summary_holds_every_candidates_interval_and_its_paired_di
         if row is not pick:
             independent = np.hypot(row["aucp_high"] - row["aucp_low"], pick["aucp_high"] - pick["aucp_low"])
             assert row["difference_high"] - row["difference_low"] < 0.6 * independent, row
+
+
+def test_every_candidate_of_a_sweep_is_resampled_with_the_same_draws():
+    """The pick compares candidates on one set of bootstrap draws (docs/method.md): two checkpoints, or two
+    reconstructions, that score every patient alike have the same draws, and a difference of exactly zero."""
+    labels, scores = recorded_sweep()
+    patients = [f"p{i}" for i in range(len(labels))]
+    results = [{"checkpoint": iteration, "patient_scores": {"pid": patients, "label": labels.tolist(),
+                                                            "coarse": scores[(iteration, "coarse")].tolist(),
+                                                            "calibrated": scores[(100, "coarse")].tolist()}}
+               for iteration in (100, 200, 300, 400, 500)]
+    results[-1]["patient_scores"]["coarse"] = scores[(100, "coarse")].tolist()  # 500 scores as 100 does
+    candidates = checkpoint_selection.sweep_candidates(results, seed=7)
+    alike = [c for c in candidates if c.iteration == 100 or c.iteration == 500 or c.reconstruction == "calibrated"]
+    assert len(alike) == 2 + 5
+    for c in alike:
+        assert np.array_equal(c.draws, alike[0].draws), (c.iteration, c.reconstruction)
+    others = [c for c in candidates if c not in alike]
+    assert all(not np.array_equal(c.draws, alike[0].draws) for c in others)
+    summary = decisions.selection_summary(candidates, alike[0], "max", decisions.DEFAULT_CANDIDATES)
+    for row in summary["candidates"]:
+        if (row["iteration"], row["reconstruction"]) in {(c.iteration, c.reconstruction) for c in alike}:
+            assert row["difference_low"] == row["difference_high"] == row["difference_from_pick"] == 0
 
 
 def test_the_coarse_only_candidate_set_never_picks_the_calibrated_reconstruction():
