@@ -10,6 +10,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from brainomaly.data.dataset_layout import slice_filename
 from brainomaly.data.slice_files import save_slice_png  # noqa: E402
 
+# One thread for torch in the test process and in every process it starts (they inherit OMP_NUM_THREADS): the tiny
+# networks gain nothing from a second thread, and two threads stall each other on a busy 2-core CPU (a 2-thread run
+# there took several times as long). An OMP_NUM_THREADS set from outside wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # Tiny networks so a whole train/test cycle takes seconds on a 2-core CPU.
 TINY_FLAGS = ["--image_size", "32", "--g_conv_dim", "8", "--d_conv_dim", "8", "--g_repeat_num", "1",
               "--d_repeat_num", "3", "--batch_size", "4", "--num_workers", "0", "--use_tensorboard", "false",
