@@ -8,6 +8,7 @@ import sys
 import torch
 from conftest import SLICES_PER_PATIENT, TINY_FLAGS
 
+import main
 from brainomaly.data.dataset_layout import patient_id, protocol_slices
 from brainomaly.data.healthy_split import draw_split as known_healthy_split
 from brainomaly.run.cache_keys import file_fingerprint
@@ -42,6 +43,24 @@ def run(command, cwd, home=None, **kwargs):
     env = {**os.environ, "PYTHONPATH": REPO, "BRAINOMALY_PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "",
            "BRAINOMALY_HOME": home or cwd}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+
+
+def train_sh_in_process(home, name, *flags):
+    """What `bash train.sh NAME FLAGS` runs (stage 1, then stage 2, on data/NAME into runs/NAME under home), in this
+    process: for tests whose subject is not the script (starting Python and torch is most of a tiny run's time).
+    Returns the exit status of the first stage that fails, else 0."""
+    for mode in ("train", "train_refiner"):
+        status = main.main(["--mode", mode, "--image_dir", f"{home}/data/{name}", "--run_dir", f"{home}/runs/{name}",
+                            *flags])
+        if status != 0:
+            return status
+    return 0
+
+
+def protocol_in_process(home, protocol, name, iteration, *flags):
+    """What `bash test_PROTOCOL.sh NAME ITER FLAGS` runs, in this process; its exit status."""
+    return main.main(["--mode", f"test_{protocol}", "--image_dir", f"{home}/data/{name}", "--run_dir",
+                      f"{home}/runs/{name}", "--test_iters", iteration, *flags])
 
 
 def read_csv(path):
@@ -110,11 +129,9 @@ def test_shell_scripts_train_and_run_the_three_protocols(toy_dataset, tmp_path):
 
 def test_a_run_trained_without_a_holdout_scores_aucp_over_all_known_healthy_patients(toy_dataset, tmp_path):
     work = str(tmp_path)
-    train = run(["bash", f"{REPO}/train.sh", "Toy", *TINY_FLAGS, "--num_iters", "2", "--model_save_step", "2",
-                 "--sample_step", "2", "--refiner_iters", "0", "--healthy_holdout", "0"], work)
-    assert train.returncode == 0, train.stderr[-2000:]
-    result = run(["bash", f"{REPO}/test_aucp.sh", "Toy", "2", "--num_workers", "0"], work)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert train_sh_in_process(work, "Toy", *TINY_FLAGS, "--num_iters", "2", "--model_save_step", "2",
+                               "--sample_step", "2", "--refiner_iters", "0", "--healthy_holdout", "0") == 0
+    assert protocol_in_process(work, "aucp", "Toy", "2", "--num_workers", "0") == 0
     summary = json.load(open(os.path.join(work, "runs/Toy/results/2/coarse/aucp.json")))
     assert summary["n_patients"] == 6 + 8 and summary["known_healthy"] == "all of train/neg"
 
@@ -131,11 +148,11 @@ def test_an_auc_estimate_outside_0_1_is_flagged_not_printed_as_a_figure(capsys):
     assert "outside [0, 1]" not in capsys.readouterr().out
 
 
-def test_a_sweep_over_checkpoints_scored_with_different_reconstructions_writes_every_column(toy_dataset, tmp_path):
+def test_a_sweep_over_checkpoints_scored_with_different_reconstructions_writes_every_column(toy_dataset, tmp_path,
+                                                                                            capsys):
     work = str(tmp_path)
-    train = run(["bash", f"{REPO}/train.sh", "Toy", *TINY_FLAGS, "--num_iters", "6", "--model_save_step", "2",
-                 "--sample_step", "6", "--refiner_iters", "1", "--refine_from", "4"], work)
-    assert train.returncode == 0, train.stderr[-2000:]
+    assert train_sh_in_process(work, "Toy", *TINY_FLAGS, "--num_iters", "6", "--model_save_step", "2",
+                               "--sample_step", "6", "--refiner_iters", "1", "--refine_from", "4") == 0
     # --refiner auto scores checkpoint 4 refined (its refiner passed the check), 2 calibrated (its refiner failed
     # the check, and f(x_c) separated better) and 6 coarse (no refiner): the check's verdicts are set here
     models = os.path.join(work, "runs/Toy/models")
@@ -145,17 +162,16 @@ def test_a_sweep_over_checkpoints_scored_with_different_reconstructions_writes_e
         torch.save({**refiner, "refines": iteration, "holdout_check": check,  # a refiner of checkpoint ITER's G
                     "refines_weights": file_fingerprint(os.path.join(models, f"{iteration}-G.ckpt"))},
                    os.path.join(models, f"{iteration}-R.ckpt"))
-    sweep = run(["bash", f"{REPO}/test_aucp.sh", "Toy", "all", "--num_workers", "0"], work)
-    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    assert protocol_in_process(work, "aucp", "Toy", "all", "--num_workers", "0") == 0
     rows = read_csv(os.path.join(work, "runs/Toy/results/aucp_selection.csv"))
     assert [(row["iteration"], row["reconstruction"]) for row in rows] == [
         ("2", "calibrated"), ("4", "refined"), ("6", "coarse")]
     assert [bool(row["auc_refined"]) for row in rows] == [False, True, False]  # blank where not scored refined
     assert all(row["auc_coarse"] and row["auc_calibrated"] for row in rows)
     # the AUCp sweep prints the candidates of the pick (test_decisions); the inductive sweep prints this table
-    inductive = run(["bash", f"{REPO}/test_inductive.sh", "Toy", "all", "--num_workers", "0"], work)
-    assert inductive.returncode == 0, inductive.stderr[-2000:]
-    table = inductive.stdout.split("AUC by checkpoint\n")[1].splitlines()
+    capsys.readouterr()
+    assert protocol_in_process(work, "inductive", "Toy", "all", "--num_workers", "0") == 0
+    table = capsys.readouterr().out.split("AUC by checkpoint\n")[1].splitlines()
     header = table[0].split()
     assert header[:3] == ["iteration", "reconstruction", "AUC"] and sorted(header[3:]) == [
         "calibrated", "coarse", "refined"]
