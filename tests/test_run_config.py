@@ -7,7 +7,7 @@ import shutil
 
 import torch
 from conftest import TINY_FLAGS
-from test_protocols import REPO, read_csv, run
+from test_protocols import REPO, read_csv, run, train_sh_in_process
 
 import main
 from brainomaly.run import run_config
@@ -34,8 +34,8 @@ def kill_after_first_checkpoint(run_dir):
 
 def test_resume_latest_after_a_kill_continues_the_run_with_its_own_settings(toy_dataset, tmp_path):
     work = str(tmp_path)
-    whole = run(["bash", f"{REPO}/train.sh", "Toy", *RUN_FLAGS], work)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    # the uninterrupted run, trained in this process (the resume below is the script under test)
+    assert train_sh_in_process(work, "Toy", *RUN_FLAGS) == 0
     shutil.copytree(f"{work}/runs/Toy", f"{work}/runs/Killed")
     kill_after_first_checkpoint(f"{work}/runs/Killed")
     shutil.copytree(f"{work}/data/Toy", f"{work}/data/Killed")
