@@ -3,8 +3,6 @@ see (an untrained one does not), the refiner explains the healthy residual but k
 learns to score healthy above translated, and AUCp selection picks the best checkpoint. Tiny sizes, CPU."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,8 +18,6 @@ from brainomaly.train.stage1_gan import Stage1State, gradient_penalty, train_ste
 from diffusion_refiner import RefinerUNet, ResidualDiffusion
 from model import Generator, healthy_reconstruction
 from solver import Runtime
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # folder -> (patient prefix, number of patients, diseased?)
 SHIFT_LAYOUT = {"train/pos": ("mpos", 6, True), "train/neg_mixed": ("mneg", 6, False), "train/neg": ("hea", 10, False),
@@ -58,11 +54,13 @@ def write_shift_dataset(root, seed=0):
 
 
 def run_main(args, cwd):
-    env = {**os.environ, "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, f"{REPO}/main.py", *args], cwd=cwd, env=env, capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    """A main.py command, in this process (on one thread, as tests/conftest.py sets) and from folder cwd."""
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        assert main.main(args) == 0
+    finally:
+        os.chdir(here)
 
 
 def save_generator(generator, config, iteration, model_dir):
