@@ -3,22 +3,44 @@ FLOPs agree with a hand count and with FlopCounterMode. No timing is asserted.""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench import benchmark
 from bench.benchmark import RATIO_KEYS, WORKLOADS, count_flops, generator_forward_flops, transposed_conv_flops
 from model import Generator
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ["--device", "cpu", "--image_size", "32", "--batch_size", "2", "--g_conv_dim", "4", "--d_conv_dim", "4",
         "--g_repeat_num", "1", "--d_repeat_num", "3", "--refiner_dim", "8", "--refiner_dim_mults", "1,2",
         "--refiner_attn_levels", "1", "--refiner_heads", "2", "--ddim_steps", "2", "--repeats", "1",
         "--warmup", "1", "--matmul_size", "128"]
+
+
+class Done:
+    """What a run of bench/benchmark.py returned and printed."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def run_benchmark(tmp_path, monkeypatch, capsys):
+    """bench/benchmark.py with these flags, from folder tmp_path, through its main() in this process: every workload
+    still runs in a fresh worker process, forked from the benchmark's import server (started once per pytest
+    session), so only the script's own start is saved. One thread, as OMP_NUM_THREADS=1 (tests/conftest.py) gives the
+    import server and its workers."""
+    monkeypatch.chdir(tmp_path)
+    # worker_context() puts the repository on PYTHONPATH for the import server: restored after the test
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+
+    def run(*flags):
+        capsys.readouterr()
+        status = benchmark.main([*TINY, *flags])
+        out, err = capsys.readouterr()
+        return Done(status, out, err)
+    return run
 
 
 def hand_count_tiny_generator():
@@ -68,12 +90,9 @@ def test_gradient_penalty_step_is_countable():
     assert count_flops(lambda: gradient_penalty(critic, real, fake, torch.rand(2, 1, 1, 1)).backward()) > 0
 
 
-def test_benchmark_report_has_every_figure(tmp_path):
+def test_benchmark_report_has_every_figure(tmp_path, run_benchmark):
     out = tmp_path / "bench.json"
-    # one thread keeps this fast on a busy machine; the script itself never changes the thread count
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "benchmark.py"), *TINY, "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = run_benchmark("--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "speedup_stage1_train" in done.stdout and "reference_score_batch1" in done.stdout
     report = json.loads(out.read_text())
@@ -137,13 +156,10 @@ def test_benchmark_report_has_every_figure(tmp_path):
         assert report[key] > 0
 
 
-def test_workloads_flag_runs_exactly_the_named_ones(tmp_path):
+def test_workloads_flag_runs_exactly_the_named_ones(tmp_path, run_benchmark):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     named = ["reference_score_batch1", "ours_score_coarse"]
-    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "benchmark.py"), *TINY, "--out", str(out),
-                           "--workloads", ",".join(named), "--bf16", "off", "--channels_last", "on"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = run_benchmark("--out", str(out), "--workloads", ",".join(named), "--bf16", "off", "--channels_last", "on")
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     assert set(report["results"]["cpu"]["workloads"]) == set(named)
@@ -171,14 +187,11 @@ def test_workloads_flag_rejects_unknown_names(value, capsys):
         assert "ours_stage3_train" in err.split("choose from")[0]  # the unknown one is named
 
 
-def test_a_lazy_penalty_is_timed_over_its_whole_cycle_with_less_work(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-
+def test_a_lazy_penalty_is_timed_over_its_whole_cycle_with_less_work(tmp_path, run_benchmark):
     def stage1_workload(*flags):
         out = tmp_path / f"bench{len(flags)}.json"
-        done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "benchmark.py"), *TINY, "--out", str(out),
-                               "--workloads", "ours_stage1_train", "--bf16", "off", "--channels_last", "off", *flags],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        done = run_benchmark("--out", str(out), "--workloads", "ours_stage1_train", "--bf16", "off",
+                             "--channels_last", "off", *flags)
         assert done.returncode == 0, done.stdout + done.stderr
         return json.loads(out.read_text())["results"]["cpu"]["workloads"]["ours_stage1_train"]
 
