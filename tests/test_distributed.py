@@ -66,6 +66,16 @@ def test_stream_resumes_mid_epoch_exactly_also_with_another_rank_count(healthy_p
     for half in halves:
         half.load_state_dict(state)
     assert torch.equal(torch.cat([torch.cat([next(h) for h in halves]) for _ in range(4)]), torch.cat(rest))
+    end_workers(one, again, resumed, *halves)
+
+
+def end_workers(*streams):
+    """Stop the streams' DataLoader workers now. A stream and its loader refer to each other, so otherwise the
+    garbage collector ends them during some later test, where each worker's shutdown waits out DataLoader's 5 s
+    join timeout (25 s added to the next fixture's stage 2 when this test ran with a worker)."""
+    for stream in streams:
+        if stream._batches is not None:
+            stream._batches.close()
 
 
 # ---------------------------------------------------------------- torchrun, 2 ranks, gloo on CPU
