@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import NamedTuple
 
 import torch
 from conftest import SLICES_PER_PATIENT, TINY_FLAGS
@@ -45,22 +46,57 @@ def run(command, cwd, home=None, **kwargs):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
 
 
-def train_sh_in_process(home, name, *flags):
-    """What `bash train.sh NAME FLAGS` runs (stage 1, then stage 2, on data/NAME into runs/NAME under home), in this
-    process: for tests whose subject is not the script (starting Python and torch is most of a tiny run's time).
-    Returns the exit status of the first stage that fails, else 0."""
-    for mode in ("train", "train_refiner"):
-        status = main.main(["--mode", mode, "--image_dir", f"{home}/data/{name}", "--run_dir", f"{home}/runs/{name}",
-                            *flags])
+def script_commands(script, args, home):
+    """The main.py argument lists that `bash SCRIPT ARGS` runs, for train.sh, test_PROTOCOL.sh and score.sh, with
+    data/ and runs/ in home."""
+    name, *rest = args
+    data, runs = ["--image_dir", f"{home}/data/{name}"], ["--run_dir", f"{home}/runs/{name}"]
+    if script == "train.sh":
+        return [["--mode", mode, *data, *runs, *rest] for mode in ("train", "train_refiner")]
+    if script == "score.sh":
+        iteration, path, *flags = rest
+        return [["--mode", "score", "--image_dir", path, *runs, "--test_iters", iteration, *flags]]
+    iteration, *flags = rest
+    return [["--mode", script.removesuffix(".sh"), *data, *runs, "--test_iters", iteration, *flags]]
+
+
+def main_commands(commands):
+    """main.main on each argument list in turn, in this process, as the scripts do (set -e): the exit status of the
+    first that fails, else 0."""
+    for argv in commands:
+        status = main.main(argv)
         if status != 0:
             return status
     return 0
 
 
+def train_sh_in_process(home, name, *flags):
+    """What `bash train.sh NAME FLAGS` runs (stage 1, then stage 2, on data/NAME into runs/NAME under home), in this
+    process: for tests whose subject is not the script (starting Python and torch is most of a tiny run's time).
+    Returns the exit status of the first stage that fails, else 0."""
+    return main_commands(script_commands("train.sh", [name, *flags], home))
+
+
 def protocol_in_process(home, protocol, name, iteration, *flags):
     """What `bash test_PROTOCOL.sh NAME ITER FLAGS` runs, in this process; its exit status."""
-    return main.main(["--mode", f"test_{protocol}", "--image_dir", f"{home}/data/{name}", "--run_dir",
-                      f"{home}/runs/{name}", "--test_iters", iteration, *flags])
+    return main_commands(script_commands(f"test_{protocol}.sh", [name, iteration, *flags], home))
+
+
+class Finished(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_in_process(command, capsys, home):
+    """What run(command, ...) returns for `bash REPO/SCRIPT ARGS` (train.sh, test_PROTOCOL.sh or score.sh), from the
+    main.py commands the script runs, in this process, with data/ and runs/ in home; paths typed in ARGS are relative
+    to the current folder, as in the folder the script was run from."""
+    _, script_path, *args = command
+    capsys.readouterr()
+    status = main_commands(script_commands(os.path.basename(script_path), args, home))
+    out, err = capsys.readouterr()
+    return Finished(status, out, err)
 
 
 def read_csv(path):
