@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_FLAGS
-from test_protocols import REPO, read_csv, run, train_sh_in_process
+from test_protocols import REPO, read_csv, run, run_in_process, train_sh_in_process
 
 from brainomaly.data import nifti_volumes, preparation_record, prepare_command
 from brainomaly.data.dataset_layout import slice_filename
@@ -256,11 +256,18 @@ def test_a_folder_of_volumes_and_slices_is_refused(tmp_path):
         volume_scoring.find_volumes(str(tmp_path))
 
 
-def test_score_sh_on_a_nifti_scan_writes_csv_map_and_overlay(toy_dataset, tmp_path):
+def test_score_sh_on_a_nifti_scan_writes_csv_map_and_overlay(toy_dataset, tmp_path, capsys, monkeypatch):
     work = str(tmp_path)
     # the run scored (trained in this process: score.sh is what this test runs as a user does)
     assert train_sh_in_process(work, "Toy", *TINY_FLAGS, "--num_iters", "2", "--model_save_step", "2",
                                "--sample_step", "2", "--refiner_iters", "2") == 0
+    # The scan is scored by score.sh as a subprocess; the refusals and the folder run score.sh's main.py command in
+    # this process (starting Python and torch was most of their time), from the same folder.
+    monkeypatch.chdir(work)
+
+    def in_process(command, cwd):
+        return run_in_process(command, capsys, cwd)
+
     scans = tmp_path / "scans"
     scans.mkdir()
     image = stored_as(ras_image(), "LPS")
@@ -269,11 +276,11 @@ def test_score_sh_on_a_nifti_scan_writes_csv_map_and_overlay(toy_dataset, tmp_pa
     score = ["bash", f"{REPO}/score.sh", "Toy", "2"]
     flags = ["--num_workers", "0", "--ddim_steps", "2", "--score_batch_size", "4", "--refiner", "on"]
     # The toy slices were not made by prepare_data.py, so the run records no preparation to repeat on a scan.
-    unknown = run([*score, "scans/sub-01.nii.gz", *flags], work)
+    unknown = in_process([*score, "scans/sub-01.nii.gz", *flags], work)
     assert unknown.returncode == 2 and "records no preparation" in unknown.stderr and "--prepared" in unknown.stderr
     assert not (tmp_path / "runs/Toy/results/2/refined/scores_sub-01.csv").exists()
     flags.append("--prepared")
-    sizeless = run([*score, "scans/sub-01.nii.gz", *flags], work)
+    sizeless = in_process([*score, "scans/sub-01.nii.gz", *flags], work)
     assert sizeless.returncode == 2 and "--prepared_size" in sizeless.stderr, sizeless.stderr[-3000:]
     flags += ["--prepared_size", "40"]  # the toy slices are 40 px PNGs
     one = run([*score, "scans/sub-01.nii.gz", *flags], work)
@@ -292,14 +299,14 @@ def test_score_sh_on_a_nifti_scan_writes_csv_map_and_overlay(toy_dataset, tmp_pa
     assert out.shape == image.shape and np.allclose(out.affine, image.affine) and out.get_fdata().max() > 0
     assert (results / "scores_sub-01" / "sub-01_anomaly.png").stat().st_size > 10_000
 
-    again = run([*score, "scans/sub-01.nii.gz", *flags], work)
+    again = in_process([*score, "scans/sub-01.nii.gz", *flags], work)
     assert again.returncode == 2 and "already exist" in again.stderr
     assert read_csv(results / "scores_sub-01.csv") == rows
 
-    bad = run([*score, "scans/sub-nan.nii.gz", *flags], work)
+    bad = in_process([*score, "scans/sub-nan.nii.gz", *flags], work)
     assert bad.returncode == 2 and "scans/sub-nan.nii.gz" in bad.stderr and "NaN" in bad.stderr
 
-    folder = run([*score, "scans", *flags], work)
+    folder = in_process([*score, "scans", *flags], work)
     assert folder.returncode == 0, folder.stderr[-3000:]
     assert "skipped scans/sub-nan.nii.gz" in folder.stderr
     # the summary: scans done, refused with the reason, time
