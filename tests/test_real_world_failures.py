@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_FLAGS, toy_slice
+from test_protocols import Finished
 
 import main
 from brainomaly import metrics
@@ -236,7 +237,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(folder)], check=True)
 
 
-def test_training_into_a_disk_that_fills_up(toy_dataset, tmp_path, small_disk):
+def test_training_into_a_disk_that_fills_up(toy_dataset, tmp_path, small_disk, capsys):
     # one complete checkpoint set, measured on the normal disk: the second one (the generator's optimiser state
     # exists from its first update, at iteration 2; every later set has this size, the first is smaller)
     probe = str(tmp_path / "probe")
@@ -248,10 +249,18 @@ def test_training_into_a_disk_that_fills_up(toy_dataset, tmp_path, small_disk):
     with open(filler, "wb") as f:
         f.write(b"\0" * (free - int(2.5 * set_bytes) - 64 * 1024))
     run_dir = os.path.join(small_disk, "run")
-    command = [sys.executable, f"{REPO}/main.py",
-               *train_args(toy_dataset, run_dir, "--num_iters", "3", "--model_save_step", "1",
-                           "--sample_step", "1000", "--resume_iters", "latest")]
-    failed = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    command = train_args(toy_dataset, run_dir, "--num_iters", "3", "--model_save_step", "1", "--sample_step", "1000",
+                         "--resume_iters", "latest")
+
+    def train(argv):
+        """main.py ARGV in this process (a real full disk all the same): exit status and captured stdout/stderr as a
+        subprocess's; an exception main.main let out (a traceback) fails the test."""
+        capsys.readouterr()
+        status = main.main(argv)
+        out, err = capsys.readouterr()
+        return Finished(status, out, err)
+
+    failed = train(command)
     assert failed.returncode == 2, failed.stderr[-2000:]
     assert "No space left on device" in failed.stderr and "Traceback" not in failed.stderr
     assert "free space" in failed.stderr and "--resume_iters latest" in failed.stderr
@@ -263,7 +272,7 @@ def test_training_into_a_disk_that_fills_up(toy_dataset, tmp_path, small_disk):
         assert int(name.split("-")[0]) in complete
         torch.load(f"{run_dir}/models/{name}", weights_only=True)
     os.remove(filler)  # space freed: the same command continues from checkpoint 2
-    resumed = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    resumed = train(command)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"Resumed stage 1 from iteration 2 in {run_dir}/models." in resumed.stdout
     assert os.path.isfile(f"{run_dir}/models/3-G.ckpt")
@@ -291,9 +300,10 @@ def test_a_second_trainer_on_the_run_folder_is_refused_and_a_killed_one_leaves_n
         while not os.path.isfile(f"{run_dir}/models/2-G.ckpt") and first.poll() is None and time.time() < deadline:
             time.sleep(0.1)
         assert first.poll() is None and lock_holder(run_dir) == str(first.pid)
-        second = subprocess.run([sys.executable, f"{REPO}/main.py",
-                                 *train_args(toy_dataset, run_dir, "--num_iters", "4", "--resume_iters", "latest")],
-                                env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
+        # the second trainer is this process (the first is another one, as two jobs are)
+        capsys.readouterr()
+        second = Finished(main.main(train_args(toy_dataset, run_dir, "--num_iters", "4", "--resume_iters", "latest")),
+                          *capsys.readouterr())
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"another training job (process id {first.pid}) is training in the run folder {run_dir}" \
             in second.stderr
