@@ -114,7 +114,7 @@ def test_protocol_scripts_print_their_usage_and_exit_2_without_name_and_iter(tmp
     assert unknown.returncode == 2 and unknown.stderr.startswith("usage: bash test_protocol.sh PROTOCOL NAME ITER")
 
 
-def test_shell_scripts_train_and_run_the_three_protocols(toy_dataset, tmp_path):
+def test_shell_scripts_train_and_run_the_three_protocols(toy_dataset, tmp_path, capsys):
     work = str(tmp_path)  # train.sh NAME reads data/NAME and writes runs/NAME in BRAINOMALY_HOME (here: work)
     train = run(["bash", f"{REPO}/train.sh", "Toy", *TINY_FLAGS, "--num_iters", "6", "--model_save_step", "3",
                  "--sample_step", "3", "--refiner_iters", "0"], work)
@@ -152,7 +152,8 @@ def test_shell_scripts_train_and_run_the_three_protocols(toy_dataset, tmp_path):
     aucp_rows = read_csv(os.path.join(work, "runs/Toy/results/6/coarse/aucp.csv"))
     assert {row["pid"] for row in aucp_rows if row["label"] == "0"} == held_out
 
-    selection = run(["bash", f"{REPO}/test_aucp.sh", "Toy", "all", "--num_workers", "0"], work)
+    # the sweep over every checkpoint: test_aucp.sh's command in this process (the script ran above)
+    selection = run_in_process(["bash", f"{REPO}/test_aucp.sh", "Toy", "all", "--num_workers", "0"], capsys, work)
     assert selection.returncode == 0, selection.stderr[-2000:]
     table = json.load(open(os.path.join(work, "runs/Toy/results/aucp_selection.json")))
     assert [row["iteration"] for row in table["table"]] == [3, 6]
