@@ -44,6 +44,16 @@ def main_print(*args, **kwargs):
         print(*args, **kwargs)
 
 
+_noted = set()
+
+
+def note_once(message):
+    """main_print a note once per process: the same check runs for every protocol and scoring pass of a command."""
+    if message not in _noted:
+        _noted.add(message)
+        main_print(message)
+
+
 def init(device_choice="auto"):
     """Join the torchrun process group when launched by torchrun. True when this call started the group (its
     caller closes it); False without torchrun or when the group already exists (several commands in one launch)."""

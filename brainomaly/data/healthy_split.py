@@ -32,16 +32,6 @@ def patient_ids(paths):
     return sorted({dataset_layout.patient_id(p) for p in paths})
 
 
-_noted = set()
-
-
-def note_once(message):
-    """Print a note once per process: the split is read by every protocol and by scoring, each run prints it once."""
-    if message not in _noted:
-        _noted.add(message)
-        distributed.main_print(message)
-
-
 def is_training_data(training_config, image_dir):
     """Whether image_dir is the dataset the run was trained on: the folder it names, or (the run and its data
     moved to another folder or machine) one whose train/neg holds the run's held-out patients and some of those
@@ -83,10 +73,11 @@ def run_split(root, training_config, unset_fraction=0.0):
                         f"stage 1 held out.\nFix: put their slices back in {folder}.")
     added = present - held_out - trained_on
     if added:
-        note_once(f"note: {len(added)} patient(s) in {folder} joined after this run started; they are ignored "
-                  f"(neither trained on nor held out).")
+        distributed.note_once(f"note: {len(added)} patient(s) in {folder} joined after this run started; they are "
+                              f"ignored (neither trained on nor held out).")
     gone = trained_on - present
     if gone:
-        note_once(f"note: {len(gone)} known-healthy patient(s) this run trained on are no longer in {folder}.")
+        distributed.note_once(f"note: {len(gone)} known-healthy patient(s) this run trained on are no longer in "
+                              f"{folder}.")
     return ([p for p in paths if dataset_layout.patient_id(p) in trained_on],
             [p for p in paths if dataset_layout.patient_id(p) in held_out])

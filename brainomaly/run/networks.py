@@ -71,18 +71,13 @@ def load_generator(runtime, config, iteration):
     return runtime.compiled(runtime.prepare(generator).eval().requires_grad_(False)), config, saved["config"]
 
 
-_noted = set()
-
-
 def refines_this_generator(config, iteration, saved, path):
     """Whether the refiner checkpoint `saved` (read from `path`) was trained on the ITER-G.ckpt there now (the hash it
     records, cache_keys.file_fingerprint). One saved before refiners recorded it counts as before, with a note."""
     g_path = model_path(config, iteration, "G")
     if saved.get("refines_weights") is None:
-        if path not in _noted:
-            _noted.add(path)
-            distributed.main_print(f"note: {path} does not record which generator weights it refines (saved before "
-                                   f"refiners recorded them): used as before, unchecked against {g_path}.")
+        distributed.note_once(f"note: {path} does not record which generator weights it refines (saved before "
+                              f"refiners recorded them): used as before, unchecked against {g_path}.")
         return True
     return saved["refines_weights"] == file_fingerprint(g_path)
 
