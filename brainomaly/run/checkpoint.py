@@ -75,7 +75,7 @@ def saved_iterations(model_dir, *parts):
     return sorted(i for i, have in found.items() if set(parts) <= have)
 
 
-CHECKPOINT_FILE_PATTERN = re.compile(r"^(\d+)-(G|D|state|R|R-state)\.ckpt$|^(\d+)-intensity\.json$")
+INTENSITY_PATTERN = re.compile(r"^(\d+)-intensity\.json$")  # the intensity correction of a checkpoint
 
 
 def files_after(model_dir, iteration):
@@ -83,9 +83,9 @@ def files_after(model_dir, iteration):
     after `iteration` in model_dir."""
     found = {}
     for name in sorted(os.listdir(model_dir)) if os.path.isdir(model_dir) else []:
-        match = CHECKPOINT_FILE_PATTERN.match(name)
-        if match and int(match.group(1) or match.group(3)) > iteration:
-            found.setdefault(int(match.group(1) or match.group(3)), []).append(name)
+        match = CHECKPOINT_PATTERN.match(name) or INTENSITY_PATTERN.match(name)
+        if match and int(match.group(1)) > iteration:
+            found.setdefault(int(match.group(1)), []).append(name)
     return dict(sorted(found.items()))
 
 
